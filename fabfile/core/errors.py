@@ -1,0 +1,9 @@
+"""Errors an operator can act on: printed as one clear message, never a traceback."""
+
+
+class UserError(Exception):
+    """Bad input or an unsafe request: the message says what and where; nothing was changed."""
+
+
+class StepFailed(UserError):
+    """A step failed on one or more hosts; the steps that depend on it did not run."""

@@ -1,0 +1,302 @@
+"""The site inventory: one YAML file describing hosts, networks, VIPs and stacks.
+
+It is parsed by pydantic (structure, types, unknown keys), then checked for the
+things a schema cannot say (addresses inside their networks, role counts, ...).
+Every problem is reported as ``file: key.path: message``; nothing connects to a
+host before the inventory is valid.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UserError
+
+ROLES = {
+    # mail cluster
+    "webmail": "nginx + php-fpm + Roundcube front end, keepalived VIP",
+    "mail_backend": "Pacemaker/Corosync node: DRBD, postfix, dovecot, DB proxy, Postfixadmin",
+    "galera": "Percona XtraDB Cluster / MariaDB Galera node",
+    # XMPP service
+    "ejabberd": "clustered ejabberd node",
+    "postgres_primary": "PostgreSQL primary",
+    "postgres_replica": "PostgreSQL streaming replica",
+    "gateway": "router between the DMZ and the internal network",
+    "backup": "Bacula director/storage, WAL archive",
+    "monitoring": "Prometheus + Grafana",
+    "spare": "spare host for rescue procedures",
+}
+Role = Literal[tuple(ROLES)]  # type: ignore[valid-type]
+Name = str
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Network(_Model):
+    cidr: ipaddress.IPv4Network
+    management: bool = False
+    description: str = ""
+
+
+class Host(_Model):
+    roles: list[Role] = Field(default_factory=list)
+    addresses: dict[Name, ipaddress.IPv4Address]
+    # Kernel modules the host's services need (drbd, nfsd); the container lab
+    # cannot load them, see the README's fidelity table.
+    kernel_modules: list[str] = Field(default_factory=list)
+    cpus: int = Field(default=1, ge=1)
+    memory_mb: int = Field(default=1024, ge=256)
+    # Extra disks (GiB) a VM gets, e.g. the DRBD backing disk on mail back ends.
+    disks_gb: list[int] = Field(default_factory=list)
+
+
+class Vip(_Model):
+    address: ipaddress.IPv4Address
+    network: Name
+    role: Role
+    names: list[str] = Field(default_factory=list)
+
+
+class Ssh(_Model):
+    user: str = "root"
+    port: int = Field(default=22, ge=1, le=65535)
+    # Relative paths are relative to the inventory file's folder.
+    key_file: str | None = None
+    known_hosts: str | None = None
+    connect_timeout: float = Field(default=10, gt=0)
+
+
+class Site(_Model):
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
+    domain: str = Field(pattern=r"^([a-z0-9-]+\.)+[a-z]{2,}$|^[a-z0-9-]+\.(local|lan|lab|test|internal)$")
+    apt_proxy: str | None = Field(default=None, pattern=r"^https?://")
+    timezone: str = "UTC"
+
+
+class MailStack(_Model):
+    domain: str
+    galera_flavour: Literal["percona", "mariadb"] = "percona"
+    db_proxy: Literal["proxysql", "haproxy"] = "proxysql"
+    storage: Literal["drbd", "none"] = "drbd"
+    drbd_version: Literal[8, 9] = 8
+    fence_agent: Literal["fence_virsh", "fence_vbox", "fence_ipmilan", "fence_lab", "none"] = "fence_virsh"
+
+
+class XmppStack(_Model):
+    domain: str
+    admins: list[str] = Field(default_factory=list)
+
+
+class Lab(_Model):
+    """Settings only the embedded lab reads (bridge names, cached root)."""
+
+    bridge_prefix: str = Field(default="hal", pattern=r"^[a-z][a-z0-9]{0,5}$")
+    stand_ins: dict[str, str] = Field(default_factory=dict)
+
+
+class Inventory(_Model):
+    site: Site
+    ssh: Ssh = Ssh()
+    networks: dict[Name, Network]
+    hosts: dict[Name, Host]
+    vips: dict[Name, Vip] = Field(default_factory=dict)
+    mail: MailStack | None = None
+    xmpp: XmppStack | None = None
+    lab: Lab | None = None
+
+    # Set by load(); not part of the YAML.
+    path: Path = Field(default=Path("inventory.yml"), exclude=True)
+
+    # --- what the tiers ask -------------------------------------------------
+
+    @cached_property
+    def management_network(self) -> str:
+        return next(name for name, net in self.networks.items() if net.management)
+
+    def management_address(self, host: str) -> str:
+        return str(self.hosts[host].addresses[self.management_network])
+
+    def with_role(self, *roles: str) -> list[str]:
+        """Host names carrying any of ``roles``, in inventory order."""
+        return [name for name, host in self.hosts.items() if set(roles) & set(host.roles)]
+
+    def fqdn(self, host: str) -> str:
+        return f"{host}.{self.site.domain}"
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def site_file(self, suffix: str) -> Path:
+        """A per-site file beside the inventory, e.g. lab.secrets.yml."""
+        return self.folder / f"{self.path.stem}.{suffix}"
+
+    @property
+    def key_file(self) -> Path:
+        return self._resolve(self.ssh.key_file) or self.site_file("id_ed25519")
+
+    @property
+    def known_hosts_file(self) -> Path:
+        return self._resolve(self.ssh.known_hosts) or self.site_file("known_hosts")
+
+    def _resolve(self, value: str | None) -> Path | None:
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.folder / p
+
+    # --- checks a schema cannot express -------------------------------------
+
+    def problems(self) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        add = lambda path, msg: found.append((path, msg))  # noqa: E731
+
+        managements = [n for n, net in self.networks.items() if net.management]
+        if len(managements) != 1:
+            add("networks", f"exactly one network must have 'management: true' (found {len(managements)})")
+        for a, b in _pairs(list(self.networks.items())):
+            if a[1].cidr.overlaps(b[1].cidr):
+                add(f"networks.{b[0]}.cidr", f"{b[1].cidr} overlaps network {a[0]} ({a[1].cidr})")
+
+        seen: dict[ipaddress.IPv4Address, str] = {}
+        for name, host in self.hosts.items():
+            if managements and managements[0] not in host.addresses:
+                add(f"hosts.{name}.addresses", f"no address on the management network '{managements[0]}'")
+            for net, addr in host.addresses.items():
+                where = f"hosts.{name}.addresses.{net}"
+                if net not in self.networks:
+                    add(where, f"unknown network '{net}' (known: {', '.join(self.networks)})")
+                    continue
+                cidr = self.networks[net].cidr
+                if addr not in cidr:
+                    add(where, f"{addr} is outside network {net} ({cidr})")
+                elif addr in (cidr.network_address, cidr.broadcast_address):
+                    add(where, f"{addr} is the network or broadcast address of {cidr}")
+                if addr in seen:
+                    add(where, f"address {addr} is already used by {seen[addr]}")
+                else:
+                    seen[addr] = f"hosts.{name}.addresses.{net}"
+
+        for name, vip in self.vips.items():
+            where = f"vips.{name}"
+            if vip.network not in self.networks:
+                add(f"{where}.network", f"unknown network '{vip.network}'")
+                continue
+            cidr = self.networks[vip.network].cidr
+            if vip.address not in cidr:
+                add(f"{where}.address", f"{vip.address} is outside network {vip.network} ({cidr})")
+            carriers = self.with_role(vip.role)
+            if not carriers:
+                add(f"{where}.role", f"no host has role '{vip.role}' to carry this VIP")
+            for host in carriers:
+                if vip.network not in self.hosts[host].addresses:
+                    add(f"{where}.network", f"host {host} (role {vip.role}) has no address on network {vip.network}")
+            if vip.address in seen:
+                add(f"{where}.address", f"address {vip.address} is already used by {seen[vip.address]}")
+            else:
+                seen[vip.address] = where
+
+        counts = Counter(role for host in self.hosts.values() for role in host.roles)
+        if self.mail is not None:
+            galera = counts["galera"]
+            if galera < 3 or galera % 2 == 0:
+                add("hosts", f"role galera needs an odd number of hosts, at least 3 (found {galera})")
+            if counts["mail_backend"] < 2:
+                add("hosts", f"role mail_backend (Pacemaker) needs at least 2 hosts (found {counts['mail_backend']})")
+        if self.xmpp is not None:
+            if counts["ejabberd"] < 1:
+                add("hosts", "role ejabberd needs at least 1 host (found 0)")
+            if counts["postgres_primary"] != 1:
+                add("hosts", f"role postgres_primary needs exactly 1 host (found {counts['postgres_primary']})")
+        for role in ("galera", "mail_backend", "webmail") if self.mail is None else ():
+            if counts[role]:
+                add("mail", f"hosts have role {role} but the inventory has no 'mail' section")
+        for role in ("ejabberd", "postgres_primary", "postgres_replica") if self.xmpp is None else ():
+            if counts[role]:
+                add("xmpp", f"hosts have role {role} but the inventory has no 'xmpp' section")
+        return found
+
+
+def _pairs(items):
+    for i, a in enumerate(items):
+        for b in items[i + 1 :]:
+            yield a, b
+
+
+class InventoryError(UserError):
+    def __init__(self, path: Path | str, problems: list[tuple[str, str]]):
+        self.path = str(path)
+        self.problems = problems
+        lines = [f"{self.path}: {loc}: {msg}" if loc else f"{self.path}: {msg}" for loc, msg in problems]
+        super().__init__("invalid inventory\n  " + "\n  ".join(lines))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark
+                )
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc if not (isinstance(part, str) and part.startswith("function-")))
+
+
+def _message(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "literal_error" and "roles" in err["loc"]:
+        return f"unknown role {err['input']!r} (known: {', '.join(ROLES)})"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "string_pattern_mismatch":
+        return f"{err['input']!r} is not valid here"
+    return f"{msg} (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else msg
+
+
+def parse(text: str, path: Path | str = "<inventory>") -> Inventory:
+    """Parse and validate inventory text; raise InventoryError listing every problem."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        what = getattr(exc, "problem", None) or str(exc)
+        raise InventoryError(path, [("", f"malformed YAML at {where}: {what}")]) from None
+    if not isinstance(data, dict):
+        raise InventoryError(path, [("", "the inventory must be a YAML mapping")])
+    try:
+        inv = Inventory.model_validate({**data, "path": Path(path)})
+    except ValidationError as exc:
+        raise InventoryError(path, [(_loc(e["loc"]), _message(e)) for e in exc.errors()]) from None
+    problems = inv.problems()
+    if problems:
+        raise InventoryError(path, problems)
+    return inv
+
+
+def load(path: Path | str) -> Inventory:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InventoryError(path, [("", f"cannot read the inventory: {exc.strerror}")]) from None
+    return parse(text, path)

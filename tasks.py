@@ -1,0 +1,9 @@
+"""Root namespace: `inv --list` shows one collection per tier."""
+
+from invoke import Collection
+
+from fabfile import deploy
+
+ns = Collection()
+for module in (deploy,):
+    ns.add_collection(Collection.from_module(module))
