@@ -2,8 +2,8 @@
 
 from invoke import Collection
 
-from fabfile import deploy
+from fabfile import deploy, lab
 
 ns = Collection()
-for module in (deploy,):
+for module in (lab, deploy):
     ns.add_collection(Collection.from_module(module))

@@ -45,5 +45,4 @@ def task(*args, **kwargs):
 
     if len(args) == 1 and callable(args[0]) and not kwargs:
         return decorate(args[0])
-    kwargs.setdefault("pre", list(args)) if args else None
     return decorate

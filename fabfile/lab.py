@@ -1,0 +1,1 @@
+"""The embedded lab: real Debian hosts as systemd-nspawn containers on this machine."""
