@@ -3,7 +3,9 @@
 from invoke import Collection
 
 from fabfile import deploy, lab
+from fabfile.core.tasks import CONFIG_DEFAULTS
 
 ns = Collection()
+ns.configure(CONFIG_DEFAULTS)
 for module in (lab, deploy):
     ns.add_collection(Collection.from_module(module))

@@ -1,9 +1,9 @@
 """Deploy whole systems: each tier in the order the systems need."""
 
-from .core import task
+from .core import runbook
 
 
-@task(default=True)
-def all(c):
-    """Deploy everything in the inventory, tier by tier."""
-    print("no tiers yet")
+@runbook(default=True)
+def all(run):
+    """Deploy everything in the inventory, tier by tier (base first)."""
+    run.report.note("no tiers are wired into deploy.all yet")

@@ -8,6 +8,10 @@ import six
 sys.modules.setdefault("invoke.vendor.six", six)
 
 from .errors import StepFailed, UserError  # noqa: E402
-from .tasks import inventory_path, load_inventory, task  # noqa: E402
+from .remote import HostFailed, HostSession, Run  # noqa: E402
+from .tasks import inventory_path, load_inventory, runbook, task  # noqa: E402
 
-__all__ = ["StepFailed", "UserError", "inventory_path", "load_inventory", "task"]
+__all__ = [
+    "HostFailed", "HostSession", "Run", "StepFailed", "UserError",
+    "inventory_path", "load_inventory", "runbook", "task",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from pathlib import Path
 
 from invoke import Context
@@ -11,9 +12,12 @@ from invoke.exceptions import Exit
 
 from .errors import UserError
 from .inventory import Inventory, load
+from .remote import Run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_INVENTORY = "inventory/lab.yml"
+# invoke reads INVOKE_* environment variables only for keys it already knows.
+CONFIG_DEFAULTS = {"inventory": DEFAULT_INVENTORY, "check": False}
 
 
 def inventory_path(c: Context) -> Path:
@@ -46,3 +50,63 @@ def task(*args, **kwargs):
     if len(args) == 1 and callable(args[0]) and not kwargs:
         return decorate(args[0])
     return decorate
+
+
+COMMON_HELP = {
+    "hosts": "only these hosts (comma-separated inventory names), e.g. e1server,e2server",
+    "check": "dry run: show the diff of every file and every command that would change a host; change nothing",
+}
+
+
+def runbook(*args, **kwargs):
+    """A task that works on hosts. The body gets a `Run` (inventory, selected
+    hosts, secrets, check mode, report) instead of the invoke Context, and the
+    task gains --hosts and --check. At the end a recap per host is printed; a
+    failure ends the run with status 1 and the reason, without a traceback.
+
+    Check mode is on with --check, or `check: true` in invoke's config
+    (INVOKE_CHECK=1)."""
+
+    def decorate(body):
+        sig = inspect.signature(body)
+        params = list(sig.parameters.values())[1:]
+        params += [
+            inspect.Parameter("hosts", inspect.Parameter.KEYWORD_ONLY, default=None),
+            inspect.Parameter("check", inspect.Parameter.KEYWORD_ONLY, default=False),
+        ]
+        ctx_param = inspect.Parameter("c", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+        @functools.wraps(body)
+        def wrapper(c, *a, hosts=None, check=False, **kw):
+            check = bool(check or c.config.get("check"))
+            try:
+                run = Run(load_inventory(c), title=_task_title(body), only=hosts, check=check)
+            except UserError as exc:
+                raise Exit(f"error: {exc}", code=1) from None
+            try:
+                result = body(run, *a, **kw)
+            except UserError as exc:
+                run.report.error(str(exc))
+                run.report.recap()
+                run.close()
+                raise Exit(code=1) from None
+            run.report.recap()
+            run.close()
+            if run.report.failed:
+                raise Exit(code=1)
+            return result
+
+        wrapper.__signature__ = sig.replace(parameters=[ctx_param, *params])
+        del wrapper.__wrapped__
+        kwargs["help"] = {**COMMON_HELP, **kwargs.get("help", {})}
+        kwargs.setdefault("auto_shortflags", False)
+        return invoke_task(**kwargs)(wrapper)
+
+    if len(args) == 1 and callable(args[0]) and not kwargs:
+        return decorate(args[0])
+    return decorate
+
+
+def _task_title(body) -> str:
+    module = body.__module__.rsplit(".", 1)[-1]
+    return f"{module}.{body.__name__.rstrip('_').replace('_', '-')}"
