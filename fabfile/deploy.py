@@ -1,9 +1,10 @@
 """Deploy whole systems: each tier in the order the systems need."""
 
+from . import base
 from .core import runbook
 
 
 @runbook(default=True)
 def all(run):
     """Deploy everything in the inventory, tier by tier (base first)."""
-    run.report.note("no tiers are wired into deploy.all yet")
+    base.converge(run)

@@ -1,0 +1,80 @@
+"""Base tier: what every host of both systems gets first.
+
+Runbook: hostname and /etc/hosts (FQDNs under the site domain), apt through the
+site's proxy, the common packages, time zone and time sync, and the sysctl each
+role needs (forwarding on the gateway, non-local bind on VIP holders).
+"""
+
+from invoke import Collection
+
+from .core import HostSession, Run, runbook
+
+PACKAGES = [
+    "ca-certificates", "curl", "gnupg", "iproute2", "iptables", "netcat-openbsd",
+    "openssl", "procps", "python3", "rsync", "systemd-timesyncd", "tzdata",
+]
+
+
+def template_vars(inv, host, secret):
+    me = inv.hosts[host]
+    return {
+        "host_entries": [(name, service_address(inv, name)) for name in inv.hosts],
+        "vip_entries": [(str(v.address), v.names) for v in inv.vips.values() if v.names],
+        "forwarding": "gateway" in me.roles,
+        "nonlocal_bind": any(set(me.roles) & {v.role} for v in inv.vips.values()),
+    }
+
+
+def service_address(inv, name: str) -> str:
+    """The address a host's services answer on: its first address outside the
+    management network, or its management address when it has no other."""
+    mgmt = inv.management_network
+    addresses = inv.hosts[name].addresses
+    return str(next((a for net, a in addresses.items() if net != mgmt), addresses[mgmt]))
+
+
+def converge(run: Run) -> None:
+    run.step("base: identity", run.hosts(), _identity)
+    run.step("base: apt and packages", run.hosts(), _packages)
+    run.step("base: time and kernel settings", run.hosts(), _time_and_sysctl)
+
+
+def _identity(h: HostSession) -> None:
+    if h.template("base/etc/hostname.j2", "/etc/hostname"):
+        h.sh(f"hostname {h.name}", message=f"hostname {h.name}")
+    h.template("base/etc/hosts.j2", "/etc/hosts")
+
+
+def _packages(h: HostSession) -> None:
+    proxy = "/etc/apt/apt.conf.d/01proxy"
+    if h.inv.site.apt_proxy:
+        h.template("base/etc/apt/apt.conf.d/01proxy.j2", proxy)
+    else:
+        h.ensure(f"test ! -e {proxy}", f"rm -f {proxy}", f"no apt proxy ({proxy} absent)")
+    h.packages(PACKAGES)
+
+
+def _time_and_sysctl(h: HostSession) -> None:
+    zone = h.inv.site.timezone
+    h.template("base/etc/timezone.j2", "/etc/timezone")
+    h.ensure(f'[ "$(readlink /etc/localtime)" = /usr/share/zoneinfo/{zone} ]',
+             f"ln -sfn /usr/share/zoneinfo/{zone} /etc/localtime", f"time zone {zone}")
+    # timesyncd skips itself in containers (the machine keeps their clock).
+    h.service("systemd-timesyncd")
+    if h.template("base/etc/sysctl.d/60-hastack.conf.j2", "/etc/sysctl.d/60-hastack.conf"):
+        h.sh("sysctl -q -p /etc/sysctl.d/60-hastack.conf", message="apply sysctl settings")
+
+
+@runbook(default=True)
+def deploy(run):
+    """Converge the base tier on every host (or --hosts)."""
+    converge(run)
+
+
+@runbook
+def hosts_file(run):
+    """Only rewrite /etc/hosts and the hostname (after an inventory change)."""
+    run.step("base: identity", run.hosts(), _identity)
+
+
+ns = Collection("base", deploy, hosts_file)
