@@ -1,0 +1,44 @@
+"""Task wiring: `inv --list` shows the collections, every option is documented."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from invoke import Collection
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+import tasks  # noqa: E402
+
+
+def inv(*args):
+    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_list_shows_collections():
+    out = inv("--list")
+    assert out.returncode == 0, out.stderr
+    for name in ("lab.up", "lab.down", "base.deploy", "deploy.all"):
+        assert name in out.stdout
+
+
+def _all_tasks(coll: Collection, prefix=""):
+    for name, task in coll.tasks.items():
+        yield prefix + name, task
+    for name, sub in coll.collections.items():
+        yield from _all_tasks(sub, f"{prefix}{name}.")
+
+
+@pytest.mark.parametrize("name,task", list(_all_tasks(tasks.ns)), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_task_has_docstring_and_argument_help(name, task):
+    assert task.__doc__ and task.__doc__.strip(), f"{name} has no docstring"
+    for arg in task.get_arguments():
+        assert arg.help, f"{name}: argument --{arg.name} has no help text"
+
+
+def test_unknown_host_is_refused_without_traceback():
+    out = inv("base.deploy", "--hosts", "nosuchhost")
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert "--hosts names unknown host(s): nosuchhost" in out.stderr
