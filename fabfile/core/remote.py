@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import paramiko
 from fabric import Connection
 from invoke.exceptions import UnexpectedExit
+from patchwork import files
 
 from . import templates
 from .errors import StepFailed, UserError
@@ -351,14 +352,34 @@ class HostSession:
         if not r.ok:
             raise HostFailed(_failure(f"mv {tmp} {dest}", r))
 
+    # patchwork's file helpers, run through our probes/actions so that they are
+    # logged, reported and respect check mode.
+
+    def _probe_runner(self, cmd: str, **_) -> Result:
+        return self.probe(cmd)
+
+    def _action_runner(self, cmd: str, **_) -> Result:
+        return self.sh(cmd)
+
+    def exists(self, path: str) -> bool:
+        return files.exists(self.conn, shlex.quote(path), runner=self._probe_runner)
+
     def directory(self, path: str, *, owner: str = "root", group: str = "root", mode: str = "0755") -> bool:
-        q = shlex.quote(path)
-        state = self.probe(f"stat -c '%U:%G:%a' {q}")
+        state = self.probe(f"stat -c '%U:%G:%a' {shlex.quote(path)}")
         want = f"{owner}:{group}:{int(mode, 8):o}"
         if state.ok and state.stdout.strip() == want:
             self.ok(f"{path}/")
             return False
-        self.sh(f"mkdir -p {q} && chown {owner}:{group} {q} && chmod {mode} {q}", message=f"{path}/ {want}")
+        files.directory(self.conn, shlex.quote(path), user=owner, group=group, mode=mode, runner=self._action_runner)
+        return True
+
+    def line(self, path: str, text: str) -> bool:
+        """Make sure ``text`` is a whole line of ``path`` (a file we do not own
+        whole); append it otherwise."""
+        if self.exists(path) and files.contains(self.conn, path, text, exact=True, runner=self._probe_runner):
+            self.ok(f"{path}: has line {text!r}")
+            return False
+        files.append(self.conn, path, text, runner=self._action_runner)
         return True
 
 
