@@ -355,14 +355,12 @@ class HostSession:
     # patchwork's file helpers, run through our probes/actions so that they are
     # logged, reported and respect check mode.
 
-    def _probe_runner(self, cmd: str, **_) -> Result:
-        return self.probe(cmd)
-
-    def _action_runner(self, cmd: str, **_) -> Result:
-        return self.sh(cmd)
+    def _runner(self, cmd: str, *, warn: bool = False, **_) -> Result:
+        # patchwork runs its checks with warn=True and its changes without.
+        return self.probe(cmd) if warn else self.sh(cmd)
 
     def exists(self, path: str) -> bool:
-        return files.exists(self.conn, shlex.quote(path), runner=self._probe_runner)
+        return files.exists(self.conn, shlex.quote(path), runner=self._runner)
 
     def directory(self, path: str, *, owner: str = "root", group: str = "root", mode: str = "0755") -> bool:
         state = self.probe(f"stat -c '%U:%G:%a' {shlex.quote(path)}")
@@ -370,16 +368,16 @@ class HostSession:
         if state.ok and state.stdout.strip() == want:
             self.ok(f"{path}/")
             return False
-        files.directory(self.conn, shlex.quote(path), user=owner, group=group, mode=mode, runner=self._action_runner)
+        files.directory(self.conn, shlex.quote(path), user=owner, group=group, mode=mode, runner=self._runner)
         return True
 
     def line(self, path: str, text: str) -> bool:
         """Make sure ``text`` is a whole line of ``path`` (a file we do not own
         whole); append it otherwise."""
-        if self.exists(path) and files.contains(self.conn, path, text, exact=True, runner=self._probe_runner):
+        if self.exists(path) and files.contains(self.conn, path, text, exact=True, runner=self._runner):
             self.ok(f"{path}: has line {text!r}")
             return False
-        files.append(self.conn, path, text, runner=self._action_runner)
+        files.append(self.conn, path, text, runner=self._runner)
         return True
 
 
