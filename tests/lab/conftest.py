@@ -1,0 +1,58 @@
+"""Lab tests: real Debian hosts (systemd-nspawn containers) reached over real SSH.
+
+The session fixture `lab` brings the lab up once (from inventory/lab.yml, or the
+file named by HASTACK_LAB_INVENTORY) and always takes it down at the end of the
+session, failures included, without --purge so the cached root stays.
+
+Order: the lab's own checks (test_lab.py) run first, on fresh hosts; tests marked
+`lab_teardown` (the "nothing left after lab.down" check) run last of all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fabfile.core.inventory import load
+from fabfile.core.tasks import DEFAULT_INVENTORY, PROJECT_ROOT
+
+from labhost import LabHosts  # tests/lab is on sys.path (rootdir conftest import)
+
+
+def lab_inventory_path() -> Path:
+    return Path(os.environ.get("HASTACK_LAB_INVENTORY") or PROJECT_ROOT / DEFAULT_INVENTORY)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "lab_teardown: runs after every other lab test (takes the lab down)")
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    lab_items = [i for i in items if here in Path(str(i.path)).parents]
+    for item in lab_items:
+        item.add_marker(pytest.mark.lab)
+
+    def rank(item):
+        if item.get_closest_marker("lab_teardown"):
+            return 2
+        if here in Path(str(item.path)).parents and Path(str(item.path)).name == "test_lab.py":
+            return 0
+        return 1
+
+    items.sort(key=rank)  # stable: keeps the file order within each rank
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """The running lab: `.inv`/`.inventory` (the Inventory), `.run(host, cmd)` over real SSH."""
+    if os.geteuid() != 0:
+        pytest.skip("lab tests need root (namespaces, bridges, mounts, containers): run them as root")
+    hosts = LabHosts(load(lab_inventory_path()))
+    try:
+        hosts.up()
+        yield hosts
+    finally:
+        hosts.down()
