@@ -6,6 +6,7 @@ certificate about to expire is re-issued (check mode first: it only says so)."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -22,22 +23,15 @@ pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
 INV = ROOT / ".venv" / "bin" / "inv"
-INVENTORY = load(ROOT / "inventory" / "lab.yml")
+# The same inventory the `lab` fixture brings up (tests/lab/conftest.py).
+INVENTORY_PATH = Path(os.environ.get("HASTACK_LAB_INVENTORY") or ROOT / "inventory" / "lab.yml")
+INVENTORY = load(INVENTORY_PATH)
 HOSTS = list(INVENTORY.hosts)
 
 
 def inv(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(INV), *args], cwd=ROOT, capture_output=True, text=True, timeout=1800)
-
-
-def ssh(host: str, cmd: str) -> subprocess.CompletedProcess:
-    """A command on a lab host over the inventory's own key and known_hosts."""
-    return subprocess.run(
-        ["ssh", "-i", str(INVENTORY.key_file), "-o", f"UserKnownHostsFile={INVENTORY.known_hosts_file}",
-         "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
-         "-p", str(INVENTORY.ssh.port), f"{INVENTORY.ssh.user}@{INVENTORY.management_address(host)}", cmd],
-        capture_output=True, text=True, timeout=120,
-    )
+    env = {**os.environ, "INVOKE_INVENTORY": str(INVENTORY_PATH)}
+    return subprocess.run([str(INV), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 
 def changed_count(out: subprocess.CompletedProcess) -> int:
@@ -57,16 +51,16 @@ def deployed(lab, tmp_path_factory):
     return ca_file
 
 
-def fetch_cert(host: str, dest: Path) -> Path:
-    out = ssh(host, f"cat {pki.cert_path(host)}")
+def fetch_cert(lab, host: str, dest: Path) -> Path:
+    out = lab.run(host, f"cat {pki.cert_path(host)}")
     assert out.returncode == 0, out.stderr
     dest.write_text(out.stdout)
     return dest
 
 
 @pytest.mark.parametrize("host", HOSTS)
-def test_certificate_verifies_for_every_name_and_address(deployed, host, tmp_path):
-    cert_file = fetch_cert(host, tmp_path / f"{host}.crt")
+def test_certificate_verifies_for_every_name_and_address(lab, deployed, host, tmp_path):
+    cert_file = fetch_cert(lab, host, tmp_path / f"{host}.crt")
     base = ["openssl", "verify", "-CAfile", str(deployed), "-purpose", "sslserver"]
     entries = pki.served(INVENTORY, host)
     assert entries
@@ -80,21 +74,21 @@ def test_certificate_verifies_for_every_name_and_address(deployed, host, tmp_pat
 
 
 @pytest.mark.parametrize("host", HOSTS)
-def test_host_trusts_the_ca_and_key_files_are_protected(deployed, host):
+def test_host_trusts_the_ca_and_key_files_are_protected(lab, deployed, host):
     crt, key = pki.cert_path(host), pki.key_path(host)
-    out = ssh(host, f"openssl verify {crt}")  # the host's own trust store, no -CAfile
+    out = lab.run(host, f"openssl verify {crt}")  # the host's own trust store, no -CAfile
     assert out.returncode == 0 and out.stdout.strip() == f"{crt}: OK", out.stdout + out.stderr
-    assert ssh(host, f"test -L {pki.TRUST_LINK} && cmp {pki.TRUST_FILE} {pki.CA_FILE}").returncode == 0
-    modes = ssh(host, f"stat -c '%n %U:%G:%a' {crt} {key} {pki.DIR}").stdout.split("\n")
+    assert lab.run(host, f"test -L {pki.TRUST_LINK} && cmp {pki.TRUST_FILE} {pki.CA_FILE}").returncode == 0
+    modes = lab.run(host, f"stat -c '%n %U:%G:%a' {crt} {key} {pki.DIR}").stdout.split("\n")
     assert modes[:3] == [f"{crt} root:root:644", f"{key} root:ssl-cert:640", f"{pki.DIR} root:root:755"]
-    same = ssh(host, f"[ \"$(openssl pkey -in {key} -pubout)\" = \"$(openssl x509 -in {crt} -noout -pubkey)\" ]")
+    same = lab.run(host, f"[ \"$(openssl pkey -in {key} -pubout)\" = \"$(openssl x509 -in {crt} -noout -pubkey)\" ]")
     assert same.returncode == 0, "the certificate does not match the key beside it"
 
 
-def test_ca_on_hosts_is_the_exported_one(deployed):
+def test_ca_on_hosts_is_the_exported_one(lab, deployed):
     want = deployed.read_text()
     for host in HOSTS:
-        assert ssh(host, f"cat {pki.CA_FILE}").stdout == want, host
+        assert lab.run(host, f"cat {pki.CA_FILE}").stdout == want, host
 
 
 def test_rerun_changes_nothing(deployed):
@@ -110,37 +104,31 @@ def test_verify_reports_full_coverage(deployed):
     assert "vip dbproxy (10.200.11.116, role mail_backend) has no DNS names" in out.stdout
 
 
-def test_expiring_certificate_is_reissued_with_the_same_key(deployed, tmp_path):
+def test_expiring_certificate_is_reissued_with_the_same_key(lab, deployed):
     host = "pxc2"
     crt, key = pki.cert_path(host), pki.key_path(host)
     ca, _ = pki.load_ca(Secrets(INVENTORY.site_file("secrets.yml"), persist=False), INVENTORY.site.name,
                         create=False)
-    public_pem = ssh(host, f"openssl pkey -in {key} -pubout").stdout
+    public_pem = lab.run(host, f"openssl pkey -in {key} -pubout").stdout
     public_key = serialization.load_pem_public_key(public_pem.encode())
     old = pki.sign_host_cert(ca, public_key, INVENTORY.fqdn(host), pki.Sans.for_host(INVENTORY, host),
                              now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=pki.HOST_DAYS - 10))
     old_pem = old.public_bytes(serialization.Encoding.PEM).decode()
-    local = tmp_path / "old.crt"
-    local.write_text(old_pem)
-    put = subprocess.run(
-        ["scp", "-q", "-i", str(INVENTORY.key_file), "-o", f"UserKnownHostsFile={INVENTORY.known_hosts_file}",
-         "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-P", str(INVENTORY.ssh.port),
-         str(local), f"{INVENTORY.ssh.user}@{INVENTORY.management_address(host)}:{crt}"],
-        capture_output=True, text=True, timeout=60)
+    put = lab.run(host, f"cat > {crt}", input=old_pem)
     assert put.returncode == 0, put.stderr
-    key_sum = ssh(host, f"sha256sum {key}").stdout
+    key_sum = lab.run(host, f"sha256sum {key}").stdout
 
     check = inv("pki.issue", "--check", "--hosts", host)
     assert check.returncode == 0, check.stdout[-4000:]
     assert f"would issue {crt} (expires on" in check.stdout and "within 30 days" in check.stdout
-    assert ssh(host, f"cat {crt}").stdout == old_pem, "check mode changed the certificate"
+    assert lab.run(host, f"cat {crt}").stdout == old_pem, "check mode changed the certificate"
 
     out = inv("pki.issue", "--hosts", host)
     assert out.returncode == 0, out.stdout[-4000:]
     assert changed_count(out) == 1, out.stdout[-4000:]
-    new = x509.load_pem_x509_certificate(ssh(host, f"cat {crt}").stdout.encode())
+    new = x509.load_pem_x509_certificate(lab.run(host, f"cat {crt}").stdout.encode())
     assert new.serial_number != old.serial_number
     assert new.not_valid_after_utc - dt.datetime.now(dt.timezone.utc) > dt.timedelta(days=pki.HOST_DAYS - 2)
-    assert ssh(host, f"sha256sum {key}").stdout == key_sum, "the key was replaced"
-    assert ssh(host, f"openssl verify {crt}").returncode == 0
+    assert lab.run(host, f"sha256sum {key}").stdout == key_sum, "the key was replaced"
+    assert lab.run(host, f"openssl verify {crt}").returncode == 0
     assert changed_count(inv("pki.issue", "--hosts", host)) == 0
