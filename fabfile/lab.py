@@ -737,9 +737,17 @@ def update_known_hosts(plan: Plan, hosts: list[str]) -> list[str]:
         key = host_key(plan, host)
         if key:
             wanted[plan.inv.management_address(host)] = f"{plan.inv.management_address(host)} {key}"
-    kept = [ln for ln in lines if not ln.split() or ln.split()[0] not in wanted]
     changed = [addr for addr, line in wanted.items() if line not in lines]
-    new = kept + list(wanted.values())
+    new, placed = [], set()
+    for ln in lines:  # a host's line stays where it was, with its current key
+        addr = ln.split()[0] if ln.split() else None
+        if addr in wanted:
+            if addr not in placed:
+                new.append(wanted[addr])
+                placed.add(addr)
+        else:
+            new.append(ln)
+    new += [line for addr, line in wanted.items() if addr not in placed]
     if new != lines:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write(path, "\n".join(new) + "\n")

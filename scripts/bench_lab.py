@@ -43,6 +43,19 @@ def timed(label: str, fn, results: list, quiet: bool = True):
     return value
 
 
+def process_memory(plan, host: str, field: str) -> int:
+    """Sum of one smaps_rollup field over the processes in the host's memory cgroup."""
+    cg = lab.CGROUP_ROOT / "memory" / plan.cgroup(host)
+    total = 0
+    for procs in cg.rglob("cgroup.procs"):
+        for pid in procs.read_text().split():
+            with contextlib.suppress(OSError):
+                for line in open(f"/proc/{pid}/smaps_rollup"):
+                    if line.startswith(field):
+                        total += int(line.split()[1]) * 1024
+    return total
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inventory", default=str(PROJECT_ROOT / DEFAULT_INVENTORY))
@@ -84,6 +97,14 @@ def main() -> int:
     print(f"idle memory per host          mean {statistics.mean(values) / 2**20:.1f} MiB, "
           f"max {mem[worst] / 2**20:.1f} MiB ({worst}), total {sum(values) / 2**20:.0f} MiB"
           f"  (target < 60 MB each: {'met' if max(values) < MEMORY_TARGET else 'MISSED'})")
+
+    # The cgroup charge leaves out shared pages first touched elsewhere; PSS shares
+    # them fairly, the RSS sum counts every shared page in full (an upper bound).
+    pss = {h: process_memory(plan, h, "Pss:") for h in inv.hosts}
+    rss = {h: process_memory(plan, h, "Rss:") for h in inv.hosts}
+    print(f"  PSS of its processes        mean {statistics.mean(pss.values()) / 2**20:.1f} MiB, "
+          f"max {max(pss.values()) / 2**20:.1f} MiB; RSS sum (upper bound) max {max(rss.values()) / 2**20:.1f} MiB")
+    values += list(pss.values())
 
     if not args.leave_up:
         timed("down", lambda: lab.lab_down(inv), results)

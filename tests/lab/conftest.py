@@ -31,9 +31,9 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     here = Path(__file__).parent
-    lab_items = [i for i in items if here in Path(str(i.path)).parents]
-    for item in lab_items:
-        item.add_marker(pytest.mark.lab)
+    for item in items:
+        if "lab" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.lab)
 
     def rank(item):
         if item.get_closest_marker("lab_teardown"):
