@@ -444,6 +444,10 @@ ForeGround: 1
 Remap-debrep: file:deb_mirror*.gz /debian ; file:backends_debian
 Remap-secdeb: security.debian.org security.debian.org/debian-security deb.debian.org/debian-security /debian-security ; {security}
 ExThreshold: 4
+# Sixteen hosts refreshing the same index at once make apt-cacher-ng 3.7 race
+# ("Failure to move file ... out of the way"); within a lab run the indexes may
+# as well stay fresh for ten minutes.
+FreshIndexMaxAge: 600
 """
 
 
