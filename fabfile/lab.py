@@ -444,10 +444,12 @@ ForeGround: 1
 Remap-debrep: file:deb_mirror*.gz /debian ; file:backends_debian
 Remap-secdeb: security.debian.org security.debian.org/debian-security deb.debian.org/debian-security /debian-security ; {security}
 ExThreshold: 4
-# Sixteen hosts refreshing the same index at once make apt-cacher-ng 3.7 race
-# ("Failure to move file ... out of the way"); within a lab run the indexes may
-# as well stay fresh for ten minutes.
-FreshIndexMaxAge: 600
+# Sixteen hosts asking for the same InRelease at once make apt-cacher-ng 3.7
+# replace its cache entry twice in one second ("Failure to move file ... out of
+# the way"); the request fails and apt's http method then hangs for good. The
+# tiny Release files pass through uncached; the indexes they point to are
+# fetched by hash and packages by version, and those stay cached.
+DontCacheRequested: /(In)?Release(\.gpg)?$
 """
 
 
@@ -588,10 +590,16 @@ def prepare_disk(plan: Plan, host: str) -> bool:
     if key not in lines:
         (merged / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
         _write(auth, "\n".join([*lines, key]) + "\n", 0o600)
-    _write(etc / "apt/apt.conf.d/01lab-proxy",
-           f'// Written by inv lab.up: the lab reaches the Debian archive only through this proxy.\n'
-           f'Acquire::http::Proxy "{plan.proxy_url}";\n')
+    _write(etc / "apt/apt.conf.d/01lab-proxy", APT_PROXY_CONF.format(url=plan.proxy_url))
     return new
+
+
+APT_PROXY_CONF = """\
+// Written by inv lab.up: the lab reaches the Debian archive only through this proxy.
+Acquire::http::Proxy "{url}";
+// A dropped or slow download is retried rather than fatal.
+Acquire::Retries "3";
+"""
 
 
 def _hosts_file(plan: Plan) -> str:
