@@ -18,7 +18,7 @@ import pytest
 from fabfile.core.inventory import load
 from fabfile.core.tasks import DEFAULT_INVENTORY, PROJECT_ROOT
 
-from labhost import LabHosts  # tests/lab is on sys.path (rootdir conftest import)
+from tests.lab.labhost import LabHosts
 
 
 def lab_inventory_path() -> Path:
