@@ -14,6 +14,8 @@ PACKAGES = [
     "openssl", "procps", "python3", "rsync", "systemd-timesyncd", "tzdata",
 ]
 
+SYSCTL_FILE = "/etc/sysctl.d/60-hastack.conf"
+
 
 def template_vars(inv, host, secret):
     me = inv.hosts[host]
@@ -61,8 +63,11 @@ def _time_and_sysctl(h: HostSession) -> None:
              f"ln -sfn /usr/share/zoneinfo/{zone} /etc/localtime", f"time zone {zone}")
     # timesyncd skips itself in containers (the machine keeps their clock).
     h.service("systemd-timesyncd")
-    if h.template("base/etc/sysctl.d/60-hastack.conf.j2", "/etc/sysctl.d/60-hastack.conf"):
-        h.sh("sysctl -q -p /etc/sysctl.d/60-hastack.conf", message="apply sysctl settings")
+    h.template("base/etc/sysctl.d/60-hastack.conf.j2", SYSCTL_FILE)
+    # The live values, not only the file: someone may have changed them by hand.
+    live = (f"grep -E '^[a-z]' {SYSCTL_FILE} | while IFS=' =' read -r key value; do "
+            '[ "$(sysctl -n "$key")" = "$value" ] || exit 1; done')
+    h.ensure(live, f"sysctl -q -p {SYSCTL_FILE}", "sysctl settings live")
 
 
 @runbook(default=True)

@@ -449,7 +449,7 @@ ExThreshold: 4
 # the way"); the request fails and apt's http method then hangs for good. The
 # tiny Release files pass through uncached; the indexes they point to are
 # fetched by hash and packages by version, and those stay cached.
-DontCacheRequested: /(In)?Release(\.gpg)?$
+DontCacheRequested: /(In)?Release(\\.gpg)?$
 """
 
 
@@ -631,6 +631,9 @@ def ensure_netns(plan: Plan, host: str) -> None:
         if not _is_mount(NETNS_DIR):
             (plan.state_dir / "made-run-netns").touch()
         _run(["ip", "netns", "add", ns])
+        # A new netns inherits the machine's IPv4 settings (devconf_inherit_init_net=0
+        # means "inherit" for IPv4); a fresh host does not forward until the gateway tier says so.
+        _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"])
     _run(["ip", "-n", ns, "link", "set", "lo", "up"])
     inside = {link["ifname"]: link for link in _ip_json("-n", ns, "addr", "show")}
     for net, iface in plan.nics(host):

@@ -268,6 +268,9 @@ class HostSession:
         q = shlex.quote(name)
         is_enabled = self.probe(f"systemctl is-enabled {q}").stdout.strip() == "enabled"
         is_active = self.probe(f"systemctl is-active {q}").ok
+        skipped = running and not is_active and self._skipped_by_conditions(q)
+        if skipped:  # e.g. timesyncd in a container: the unit says it does not apply here
+            running = False
         if enabled != is_enabled:
             self.sh(f"systemctl {'enable' if enabled else 'disable'} {q}")
         if running and not is_active:
@@ -277,7 +280,13 @@ class HostSession:
         elif running and (restart or reload):
             self.sh(f"systemctl {'reload' if reload and not restart else 'restart'} {q}")
         elif enabled == is_enabled:
-            self.ok(f"service {name} {'running' if running else 'stopped'}")
+            state = "skipped by its unit conditions" if skipped else "running" if running else "stopped"
+            self.ok(f"service {name} {state}")
+
+    def _skipped_by_conditions(self, unit: str) -> bool:
+        """True when systemd tried the unit and skipped it (ConditionResult=no)."""
+        props = self.probe(f"systemctl show -p ConditionResult -p ConditionTimestampMonotonic {unit}").stdout
+        return "ConditionResult=no" in props and "ConditionTimestampMonotonic=0" not in props
 
     # --- files --------------------------------------------------------------
 

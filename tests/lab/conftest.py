@@ -16,13 +16,8 @@ from pathlib import Path
 import pytest
 
 from fabfile.core.inventory import load
-from fabfile.core.tasks import DEFAULT_INVENTORY, PROJECT_ROOT
 
-from tests.lab.labhost import LabHosts
-
-
-def lab_inventory_path() -> Path:
-    return Path(os.environ.get("HASTACK_LAB_INVENTORY") or PROJECT_ROOT / DEFAULT_INVENTORY)
+from tests.lab.labhost import LabHosts, lab_inventory_path
 
 
 def pytest_configure(config):

@@ -11,6 +11,8 @@ Tier tests get it from the session fixture `lab` (tests/lab/conftest.py):
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +20,33 @@ from pathlib import Path
 
 from fabfile import lab as labmod
 from fabfile.core.inventory import Inventory
+from fabfile.core.tasks import DEFAULT_INVENTORY, PROJECT_ROOT
+
+INV_BIN = PROJECT_ROOT / ".venv" / "bin" / "inv"
+
+
+def lab_inventory_path() -> Path:
+    """The inventory the lab tests bring up: HASTACK_LAB_INVENTORY, else the default lab."""
+    return Path(os.environ.get("HASTACK_LAB_INVENTORY") or PROJECT_ROOT / DEFAULT_INVENTORY)
+
+
+def run_inv(*args: str, inventory: Path | None = None, env: dict | None = None,
+            user: int | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """`inv ARGS` from the project root, as an operator runs it (INVOKE_INVENTORY names the inventory)."""
+    env = dict(os.environ if env is None else env)
+    if inventory is not None or "INVOKE_INVENTORY" not in env:
+        env["INVOKE_INVENTORY"] = str(inventory or lab_inventory_path())
+    cmd = [str(INV_BIN), *args]
+    if user is not None:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    return subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def recap(out: subprocess.CompletedProcess) -> tuple[int, int, int]:
+    """(ok, changed, failed) from a runbook's summary line."""
+    m = re.search(r"(\d+) ok, (\d+) (?:would )?change[d]?, (\d+) failed", out.stdout)
+    assert m, f"no recap in the output:\n{out.stdout[-3000:]}\n{out.stderr[-2000:]}"
+    return int(m[1]), int(m[2]), int(m[3])
 
 
 class RemoteCommandFailed(AssertionError):
@@ -65,6 +94,10 @@ class LabHosts:
         """`run` on several hosts at once."""
         with ThreadPoolExecutor(max_workers=8) as pool:
             return dict(zip(hosts, pool.map(lambda h: self.run(h, cmd, **kw), hosts)))
+
+    def invoke(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        """`inv ARGS` against this lab's inventory."""
+        return run_inv(*args, inventory=self.inv.path, **kw)
 
     def up(self, hosts: str | None = None) -> dict:
         return labmod.lab_up(self.inv, hosts=hosts, state_dir=self.state_dir)

@@ -8,55 +8,17 @@ repaired; a re-run changes nothing."""
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import socket
-import subprocess
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
+from tests.lab.labhost import recap, run_inv as inv
+
 pytestmark = pytest.mark.lab
-
-ROOT = Path(__file__).resolve().parents[2]
-INV = ROOT / ".venv" / "bin" / "inv"
-
-SHIM = """\
-# Test-only root namespace, used while tasks.py does not register the tier yet.
-import sys
-sys.path.insert(0, {root!r})
-from invoke import Collection
-from fabfile import base, firewall, gateway
-from fabfile.core.tasks import CONFIG_DEFAULTS
-ns = Collection()
-ns.configure(CONFIG_DEFAULTS)
-for module in (base, gateway, firewall):
-    ns.add_collection(Collection.from_module(module))
-"""
-
-
-def inv(*args: str, tmp: Path | None = None) -> subprocess.CompletedProcess:
-    """`.venv/bin/inv ARGS` in the project (INVOKE_INVENTORY unset: the lab inventory).
-    Until tasks.py registers gateway/firewall, a test-only root namespace is used."""
-    cmd = [str(INV)]
-    listed = subprocess.run([str(INV), "--list"], cwd=ROOT, capture_output=True, text=True)
-    tier = args[0].split(".")[0]
-    if f" {tier}.deploy" not in listed.stdout:
-        shim = (tmp or Path("/tmp")) / "hastack-tier-shim"
-        shim.mkdir(parents=True, exist_ok=True)
-        (shim / "tasks.py").write_text(SHIM.format(root=str(ROOT)))
-        cmd += ["--search-root", str(shim)]
-    env = {k: v for k, v in os.environ.items() if k != "INVOKE_INVENTORY"}
-    return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
-
-
-def recap(out: subprocess.CompletedProcess) -> tuple[int, int, int]:
-    m = re.search(r"(\d+) ok, (\d+) (?:would )?change[d]?, (\d+) failed", out.stdout)
-    assert m, out.stdout[-3000:] + out.stderr[-2000:]
-    return int(m[1]), int(m[2]), int(m[3])
 
 
 def deploy(*tasks: str) -> None:
@@ -168,7 +130,7 @@ def _check(lab, src, target, net, port) -> bool:
 
 
 def test_default_policy_is_drop_everywhere(deployed):
-    results = deployed.run_all(deployed.hosts, "iptables -S INPUT 1; iptables -S FORWARD 1; ip6tables -S INPUT 1")
+    results = deployed.run_all(deployed.hosts, "iptables -S INPUT | head -1; iptables -S FORWARD | head -1; ip6tables -S INPUT | head -1")
     for host, r in results.items():
         assert r.returncode == 0, f"{host}: {r.stderr}"
         assert r.stdout.split("\n")[:3] == ["-P INPUT DROP", "-P FORWARD DROP", "-P INPUT DROP"], (host, r.stdout)

@@ -16,17 +16,10 @@ import pytest
 
 from fabfile import lab as labmod
 from fabfile.core import UserError
-from fabfile.core.inventory import load, parse
-from fabfile.core.tasks import PROJECT_ROOT
+from fabfile.core.inventory import parse
 
-INV_BIN = PROJECT_ROOT / ".venv" / "bin" / "inv"
+from tests.lab.labhost import run_inv as inv
 
-
-def inv(*args, env=None, user=None) -> subprocess.CompletedProcess:
-    cmd = [str(INV_BIN), *args]
-    if user is not None:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
-    return subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 # --- every host: name, systemd, NICs -----------------------------------------
@@ -96,6 +89,9 @@ def test_management_network_reaches_every_host_from_a_host(lab):
 
 
 def test_dmz_and_internal_are_separate_segments(lab):
+    """The segments are joined only by a forwarding gateway. Hosts keep their
+    disks across lab.down, so an earlier gateway deploy may have left routes and
+    forwarding on: the test turns forwarding off itself and restores it after."""
     inv_ = lab.inv
     gw = inv_.with_role("gateway")[0]
     dmz_host, internal_host = "e1server", "psql1server"
@@ -107,23 +103,26 @@ def test_dmz_and_internal_are_separate_segments(lab):
     assert lab.run(dmz_host, f"ping -c1 -W2 {gw_dmz}").returncode == 0
     assert lab.run(internal_host, f"ping -c1 -W2 {gw_internal}").returncode == 0
     assert lab.run(gw, f"ping -c1 -W2 {target}").returncode == 0
-    assert lab.run(gw, "sysctl -n net.ipv4.ip_forward").stdout.strip() == "0"
 
-    # No route: the DMZ host knows nothing of the internal network.
-    r = lab.run(dmz_host, f"ping -c1 -W1 {target}")
-    assert r.returncode != 0
+    forwarding = lab.run(gw, "sysctl -n net.ipv4.ip_forward", check=True).stdout.strip()
+    had_route = lab.run(dmz_host, f"ip route show {internal_cidr}", check=True).stdout.strip()
     try:
+        lab.run(gw, "sysctl -q -w net.ipv4.ip_forward=0", check=True)
         # On-link from the DMZ NIC: nobody on the DMZ segment answers for an internal address.
-        lab.run(dmz_host, f"ip route add {target}/32 dev dmz", check=True)
+        lab.run(dmz_host, f"ip route replace {target}/32 dev dmz", check=True)
         assert lab.run(dmz_host, f"ping -c2 -W1 -I dmz {target}").returncode != 0
         lab.run(dmz_host, f"ip route del {target}/32 dev dmz", check=True)
-        # Through the gateway: it does not forward by default.
-        lab.run(dmz_host, f"ip route add {internal_cidr} via {gw_dmz} dev dmz", check=True)
+        # Through the gateway: nothing passes while it does not forward.
+        lab.run(dmz_host, f"ip route replace {internal_cidr} via {gw_dmz} dev dmz", check=True)
         assert lab.run(dmz_host, f"ping -c2 -W1 {target}").returncode != 0
         assert lab.run(dmz_host, f"nc -z -w2 {target} 22").returncode != 0
     finally:
-        lab.run(dmz_host, f"ip route del {target}/32 dev dmz 2>/dev/null; "
-                          f"ip route del {internal_cidr} via {gw_dmz} dev dmz 2>/dev/null; true")
+        lab.run(dmz_host, f"ip route del {target}/32 dev dmz 2>/dev/null; true")
+        if had_route:
+            lab.run(dmz_host, f"ip route replace {had_route}")
+        else:
+            lab.run(dmz_host, f"ip route del {internal_cidr} 2>/dev/null; true")
+        lab.run(gw, f"sysctl -q -w net.ipv4.ip_forward={forwarding}")
 
 
 def test_hosts_have_no_default_route_and_can_set_net_sysctls(lab):

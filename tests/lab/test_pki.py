@@ -6,8 +6,6 @@ certificate about to expire is re-issued (check mode first: it only says so)."""
 from __future__ import annotations
 
 import datetime as dt
-import os
-import re
 import subprocess
 from pathlib import Path
 
@@ -19,25 +17,17 @@ from fabfile import pki
 from fabfile.core.inventory import load
 from fabfile.core.secrets import Secrets
 
+from tests.lab.labhost import lab_inventory_path, recap, run_inv as inv
+
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[2]
-INV = ROOT / ".venv" / "bin" / "inv"
-# The same inventory the `lab` fixture brings up (tests/lab/conftest.py).
-INVENTORY_PATH = Path(os.environ.get("HASTACK_LAB_INVENTORY") or ROOT / "inventory" / "lab.yml")
+INVENTORY_PATH = lab_inventory_path()
 INVENTORY = load(INVENTORY_PATH)
 HOSTS = list(INVENTORY.hosts)
 
 
-def inv(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "INVOKE_INVENTORY": str(INVENTORY_PATH)}
-    return subprocess.run([str(INV), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-
-
 def changed_count(out: subprocess.CompletedProcess) -> int:
-    m = re.search(r"(\d+) ok, (\d+) (?:would )?change[d]?, (\d+) failed", out.stdout)
-    assert m, out.stdout[-2000:]
-    return int(m[2])
+    return recap(out)[1]
 
 
 @pytest.fixture(scope="module")
