@@ -1,18 +1,51 @@
 """Deploy whole systems: each tier in the order the systems need.
 
-Order: base (identity, apt, packages) -> gateway (routes between the XMPP
-segments) -> firewall (default-drop rules generated from the roles) -> pki
-(our CA, a certificate per host). Each later tier adds itself here.
+Order: the tiers every host gets (base -> gateway -> firewall -> pki), then the
+XMPP service and the mail cluster, each only when the inventory describes it.
+Each tier module has `converge(run)`; a new tier adds itself to one list here.
 """
+
+from invoke import Collection
 
 from . import base, firewall, gateway, pki
 from .core import runbook
 
-TIERS = [base, gateway, firewall, pki]
+COMMON = [base, gateway, firewall, pki]
+XMPP = []  # postgres -> ejabberd -> keepalived
+MAIL = []  # galera -> database proxy -> the back ends
+
+
+def _converge(run, tiers) -> None:
+    for tier in tiers:
+        tier.converge(run)
 
 
 @runbook(default=True)
 def all(run):
     """Deploy everything in the inventory, tier by tier (base first)."""
-    for tier in TIERS:
-        tier.converge(run)
+    _converge(run, COMMON)
+    if run.inv.xmpp is not None:
+        _converge(run, XMPP)
+    if run.inv.mail is not None:
+        _converge(run, MAIL)
+
+
+@runbook
+def common(run):
+    """Only the tiers every host gets: base, gateway, firewall, pki."""
+    _converge(run, COMMON)
+
+
+@runbook
+def xmpp(run):
+    """Only the XMPP service's tiers (the common tiers must have run)."""
+    _converge(run, XMPP)
+
+
+@runbook
+def mail(run):
+    """Only the mail cluster's tiers (the common tiers must have run)."""
+    _converge(run, MAIL)
+
+
+ns = Collection("deploy", all, common, xmpp, mail)
