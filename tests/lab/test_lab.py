@@ -279,22 +279,29 @@ def test_host_that_does_not_boot_in_time_shows_its_console(lab, tmp_path):
 
 
 def _leftovers(plan) -> dict:
+    """What of this lab is on the machine. Another lab (another bridge prefix)
+    may run beside it: the pieces labs share (the nspawn tmpfs, the cgroup
+    parent) count only when no other lab is up."""
     links = json.loads(subprocess.run(["ip", "-j", "-d", "link", "show"], capture_output=True, text=True).stdout)
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     mounts = [ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines()]
+    other_labs = any(m.startswith(str(plan.state_dir / "labs")) and not m.startswith(str(plan.dir) + "/")
+                     for m in mounts)
     procs = [argv for _, argv in labmod._processes()
              if os.path.basename(argv[0]) in ("systemd-nspawn", "apt-cacher-ng")
-             and any(str(plan.state_dir) in a for a in argv)]
+             and any(str(plan.dir) in a for a in argv)]
+    cgroups = Path("/sys/fs/cgroup").glob("*/hastack-lab" + ("/" + plan.prefix + "-*" if other_labs else ""))
     return {
         "bridges": [ln["ifname"] for ln in links if ln["ifname"] in plan.bridges.values()],
         "veths": [ln["ifname"] for ln in links if ln["ifname"].startswith(plan.prefix)],
         "namespaces": [n for n in netns if n.startswith(plan.prefix + "-")],
-        "mounts": [m for m in mounts if m.startswith(str(plan.state_dir))
-                   or (m == str(labmod.NSPAWN_TMPFS) and (plan.state_dir / "made-nspawn-tmpfs").exists())],
+        "mounts": [m for m in mounts if m.startswith(str(plan.dir) + "/")
+                   or (m == str(labmod.NSPAWN_TMPFS) and not other_labs
+                       and (plan.state_dir / "made-nspawn-tmpfs").exists())],
         "processes": procs,
-        "cgroups": [str(p) for p in Path("/sys/fs/cgroup").glob("*/hastack-lab")],
+        "cgroups": [str(p) for p in cgroups],
         "iptables": [r for r in subprocess.run(["iptables-save"], capture_output=True, text=True).stdout.splitlines()
-                     if "hastack" in r or plan.prefix + "-" in r],
+                     if plan.prefix + "-" in r or ("hastack" in r and not other_labs)],
     }
 
 
