@@ -474,22 +474,25 @@ def ensure_apt_proxy(plan: Plan) -> bool:
             security=SECURITY_MIRROR.split("://", 1)[1],
         ),
     )
-    with open(conf / "log" / "stdout.log", "ab") as out:
-        subprocess.Popen(
-            ["apt-cacher-ng", "-c", str(conf), "ForeGround=1"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd="/", close_fds=True,
-        )
     address = (str(plan.bridge_interface.ip), plan.proxy_port)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(address, timeout=0.5):
-            return True
-        if not _acng_pids(plan):
+    for attempt in (1, 2):  # a just-stopped instance may still hold the port for a moment
+        with open(conf / "log" / "stdout.log", "ab") as out:
+            proc = subprocess.Popen(
+                ["apt-cacher-ng", "-c", str(conf), "ForeGround=1"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd="/", close_fds=True,
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError), socket.create_connection(address, timeout=0.5):
+                return True
+            time.sleep(0.1)
+        if proc.poll() is None:
             break
-        time.sleep(0.1)
-    tail = _tail(conf / "log" / "stdout.log") or _tail(conf / "log" / "apt-cacher.err")
-    raise UserError(f"apt-cacher-ng did not start listening on {address[0]}:{address[1]}\n{tail}")
+        time.sleep(1)
+    status = "still not listening" if proc.poll() is None else f"exited with status {proc.returncode}"
+    tail = _tail(conf / "log" / "stdout.log") or _tail(conf / "log" / "apt-cacher.err", 5)
+    raise UserError(f"apt-cacher-ng did not start listening on {address[0]}:{address[1]} ({status})\n{tail}")
 
 
 def ensure_root(plan: Plan) -> float | None:

@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Measure `inv deploy.all` on the lab and print the figures.
+
+    sudo .venv/bin/python scripts/bench_deploy.py              # fresh disks: first deploy, then a re-run
+    sudo .venv/bin/python scripts/bench_deploy.py --keep-disks # converge whatever the hosts have, then re-run
+
+Figures: wall time of the first deploy onto fresh hosts (packages come from
+the lab's apt-cacher-ng, so a warm package cache is part of the figure), of a
+second deploy (which must change nothing) and of a dry run (--check). Each line
+also gives the run's own recap counts. Leaves the lab down unless --leave-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fabfile import lab  # noqa: E402
+from fabfile.core.inventory import load  # noqa: E402
+from fabfile.core.tasks import DEFAULT_INVENTORY, PROJECT_ROOT  # noqa: E402
+
+RECAP = re.compile(r"(\d+) ok, (\d+) (?:would )?change[d]?, (\d+) failed on (\d+) hosts")
+
+
+def deploy(inventory: Path, *args: str) -> tuple[float, str]:
+    env = {**os.environ, "INVOKE_INVENTORY": str(inventory)}
+    start = time.monotonic()
+    out = subprocess.run([str(PROJECT_ROOT / ".venv/bin/inv"), "deploy.all", *args],
+                         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+    seconds = time.monotonic() - start
+    if out.returncode != 0:
+        sys.exit(f"inv deploy.all {' '.join(args)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-2000:]}")
+    m = RECAP.findall(out.stdout)
+    return seconds, "%s ok, %s changed, %s failed on %s hosts" % m[-1] if m else "no recap"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--inventory", default=str(PROJECT_ROOT / DEFAULT_INVENTORY))
+    ap.add_argument("--keep-disks", action="store_true", help="do not start from fresh host disks")
+    ap.add_argument("--leave-up", action="store_true", help="leave the lab running at the end")
+    args = ap.parse_args()
+
+    lab.require_root("scripts/bench_deploy.py")
+    inventory = Path(args.inventory).resolve()
+    inv = load(inventory)
+    print(f"lab {inventory}: {len(inv.hosts)} hosts; {os.cpu_count()} CPUs on this machine")
+    with contextlib.redirect_stdout(io.StringIO()):
+        if not args.keep_disks:
+            lab.lab_down(inv, disks=True)
+        lab.lab_up(inv)
+
+    figures = [("first deploy" if not args.keep_disks else "deploy", deploy(inventory))]
+    figures.append(("second deploy (no-op)", deploy(inventory)))
+    figures.append(("dry run (--check)", deploy(inventory, "--check")))
+    for label, (seconds, counts) in figures:
+        print(f"{label:<24} {seconds:7.1f} s   {counts}")
+
+    if not args.leave_up:
+        with contextlib.redirect_stdout(io.StringIO()):
+            lab.lab_down(inv)
+    noop = figures[1][1][1]
+    if not re.search(r" 0 changed, 0 failed", noop):
+        print("the second deploy changed something: not idempotent")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
