@@ -79,6 +79,10 @@ def _db_proxy_port(inv: Inventory) -> str:
     return {"proxysql": "6033", "haproxy": "3306"}[inv.mail.db_proxy] if inv.mail else "6033"
 
 
+def _haproxy(inv: Inventory) -> bool:
+    return inv.mail is not None and inv.mail.db_proxy == "haproxy"
+
+
 def _drbd(inv: Inventory) -> bool:
     return inv.mail is not None and inv.mail.storage == "drbd"
 
@@ -147,6 +151,7 @@ TABLE: dict[str, list[Allow]] = {
     "galera": [
         Allow("tcp", "3306,4444,4567,4568", ("galera",), "Galera: MySQL, SST, replication, IST"),
         Allow("tcp", "3306", ("mail_backend", "webmail"), "MySQL from the DB proxy and Roundcube"),
+        Allow("tcp", "9200", ("mail_backend",), "Galera health check for HAProxy", when=_haproxy),
     ],
 }
 
