@@ -805,16 +805,17 @@ def gather(run: Run, galera: list[str], *, recover: bool) -> list[Node]:
 
 
 def evidence_table(states: list[Node], chosen: str | None = None) -> Table:
-    t = Table(title="Galera nodes")
-    for col in ("node", "mysqld", "cluster status", "state", "size", "uuid", "seqno", "source",
-                "safe_to_bootstrap"):
-        t.add_column(col)
+    """The evidence pxc.bootstrap decides on, one row per node (UUIDs shortened
+    to 8 characters; the full ones are in the run's log)."""
+    t = Table(title="Galera nodes" + (f" (-> {chosen}: chosen)" if chosen else ""))
+    for col in ("node", "mysqld", "status", "state", "size", "uuid", "seqno", "from", "safe"):
+        t.add_column(col, no_wrap=True)
     for n in states:
         t.add_row(
             ("-> " if n.name == chosen else "") + n.name,
             "unreachable" if not n.reachable else "alive" if n.running else "down",
-            n.status or "-", n.state or "-", str(n.size or "-"), n.uuid or "-", str(n.seqno), n.source or "-",
-            "1" if n.safe_to_bootstrap else "0",
+            n.status or "-", n.state or "-", str(n.size or "-"), (n.uuid or "-")[:8], str(n.seqno),
+            n.source or "-", "1" if n.safe_to_bootstrap else "0",
         )
     return t
 
@@ -827,6 +828,8 @@ def evidence_table(states: list[Node], chosen: str | None = None) -> Table:
 def bootstrap(run, yes=False, node=None, force=False):
     """Bring the cluster back after every node went down (or the survivor lost quorum)."""
     galera = _guard_inventory(run)
+    if node is not None and node not in galera:
+        raise UserError(f"--node {node}: not a Galera node (Galera nodes: {', '.join(galera)}); nothing was changed")
     flav = flavour(run.inv)
     states = gather(run, galera, recover=True)
     try:
@@ -835,6 +838,8 @@ def bootstrap(run, yes=False, node=None, force=False):
         run.report.console.print(evidence_table(states))
         raise
     run.report.console.print(evidence_table(states, decision.node))
+    run.report.log("evidence: " + "; ".join(f"{n.name} {describe(n)} {n.position} ({n.source}) "
+                                            f"safe_to_bootstrap={int(n.safe_to_bootstrap)}" for n in states))
     for r in decision.reasons:
         run.report.note(r)
     plan = (f"make {decision.node}'s component Primary (pc.bootstrap)" if decision.how == "pc-bootstrap"

@@ -1,0 +1,184 @@
+"""The database proxy without hosts: HAProxy's config (one active writer, the
+rest backup, Galera-aware check; `haproxy -c` when haproxy is installed) and
+ProxySQL's config, parsed by libconfig itself (the C library ProxySQL reads
+it with, through ctypes) when libconfig9 is installed here."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fabfile import dbproxy, firewall, pxc
+from fabfile.core import templates
+from fabfile.core.inventory import load
+from fabfile.core.secrets import Secrets
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB = load(ROOT / "inventory/lab.yml")  # haproxy
+EXAMPLE = load(ROOT / "inventory/example.yml")  # proxysql
+
+
+@pytest.fixture
+def secrets(tmp_path):
+    return Secrets(tmp_path / "secrets.yml")
+
+
+def haproxy_cfg(secrets, host="postfix01"):
+    return templates.render("dbproxy/etc/haproxy/haproxy.cfg.j2", LAB, host, secrets.get)
+
+
+def test_haproxy_one_writer_rest_backup(secrets):
+    text = haproxy_cfg(secrets)
+    servers = re.findall(r"^\s+server (\S+) (\S+) check(.*)$", text, re.M)
+    assert [(n, a, rest.strip()) for n, a, rest in servers] == [
+        ("pxc1", "10.200.11.120:3306", ""),
+        ("pxc2", "10.200.11.121:3306", "backup"),
+        ("pxc3", "10.200.11.122:3306", "backup"),
+    ]
+    assert "option allbackups" not in text  # one backup at a time, never two writers
+    assert "option httpchk" in text and "http-check expect status 200" in text
+    assert "default-server port 9200" in text and "on-marked-down shutdown-sessions" in text
+
+
+def test_haproxy_binds_own_address_and_vip(secrets):
+    text = haproxy_cfg(secrets, "postfix02")
+    assert re.findall(r"^\s+bind (\S+)$", text, re.M) == ["10.200.11.114:3306", "10.200.11.116:3306"]
+
+
+@pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy is not installed on this machine")
+def test_haproxy_config_is_accepted_by_haproxy(secrets, tmp_path):
+    cfg = tmp_path / "haproxy.cfg"
+    # Checked as haproxy -c does on the host, minus what needs that host (chroot, user, addresses).
+    text = haproxy_cfg(secrets).replace("    chroot /var/lib/haproxy\n", "")
+    text = re.sub(r"bind \S+:3306", "bind 127.0.0.1:0", text)
+    cfg.write_text(text)
+    out = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --- ProxySQL ---------------------------------------------------------------------------
+
+
+class Libconfig:
+    """The libconfig C library (libconfig9), as ProxySQL uses it."""
+
+    SIZE = 512  # sizeof(config_t) is ~100 bytes; generous
+
+    def __init__(self, lib):
+        self.lib = lib
+        lib.config_read_string.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.config_lookup.restype = ctypes.c_void_p
+        lib.config_lookup.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.config_setting_length.argtypes = [ctypes.c_void_p]
+        lib.config_setting_get_elem.restype = ctypes.c_void_p
+        lib.config_setting_get_elem.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.config_setting_get_member.restype = ctypes.c_void_p
+        lib.config_setting_get_member.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.config_setting_get_int.argtypes = [ctypes.c_void_p]
+        lib.config_setting_get_string.restype = ctypes.c_char_p
+        lib.config_setting_get_string.argtypes = [ctypes.c_void_p]
+        self.cfg = ctypes.create_string_buffer(self.SIZE)
+        lib.config_init(self.cfg)
+
+    def parse(self, text: str) -> None:
+        if not self.lib.config_read_string(self.cfg, text.encode()):
+            # config_error_text()/config_error_line() are macros over config_t
+            # (libconfig 1.5 on x86-64: error_text at offset 32, error_line at 52).
+            raw = self.cfg.raw
+            err = ctypes.cast(int.from_bytes(raw[32:40], "little"), ctypes.c_char_p).value
+            line = int.from_bytes(raw[52:56], "little")
+            raise ValueError(f"libconfig: line {line}: {(err or b'?').decode()}")
+
+    def lookup(self, path: str):
+        s = self.lib.config_lookup(self.cfg, path.encode())
+        assert s, f"{path}: not in the file"
+        return s
+
+    def value(self, setting):
+        """A string setting's text, else an int setting's value (config_setting_type is a macro)."""
+        text = self.lib.config_setting_get_string(setting)
+        return text.decode() if text is not None else self.lib.config_setting_get_int(setting)
+
+    def member(self, group, name):
+        m = self.lib.config_setting_get_member(group, name.encode())
+        assert m, f"no member {name}"
+        return self.value(m)
+
+    def rows(self, path: str) -> list:
+        lst = self.lookup(path)
+        return [self.lib.config_setting_get_elem(lst, i) for i in range(self.lib.config_setting_length(lst))]
+
+    def close(self):
+        self.lib.config_destroy(self.cfg)
+
+
+@pytest.fixture
+def libconfig():
+    name = ctypes.util.find_library("config")
+    if not name:
+        pytest.skip("libconfig is not installed on this machine (apt-get install libconfig9)")
+    lc = Libconfig(ctypes.CDLL(name))
+    yield lc
+    lc.close()
+
+
+def proxysql_cnf(secrets, host="postfix01"):
+    return templates.render("dbproxy/etc/proxysql.cnf.j2", EXAMPLE, host, secrets.get)
+
+
+def test_proxysql_config_parses_with_libconfig(libconfig, secrets):
+    libconfig.parse(proxysql_cnf(secrets))
+    assert libconfig.value(libconfig.lookup("mysql_variables.monitor_username")) == "monitor"
+    assert libconfig.value(libconfig.lookup("mysql_variables.monitor_password")) == secrets.get("pxc_monitor_password")
+    assert libconfig.value(libconfig.lookup("mysql_variables.interfaces")) == "10.10.11.113:6033;10.10.11.116:6033"
+    assert libconfig.value(libconfig.lookup("admin_variables.mysql_ifaces")) == "127.0.0.1:6032"
+    servers = [(libconfig.member(s, "address"), libconfig.member(s, "hostgroup"), libconfig.member(s, "weight"))
+               for s in libconfig.rows("mysql_servers")]
+    assert servers == [("10.10.11.120", 10, 1000), ("10.10.11.121", 10, 900), ("10.10.11.122", 10, 800)]
+    (hg,) = libconfig.rows("mysql_galera_hostgroups")
+    assert {k: libconfig.member(hg, k) for k in ("writer_hostgroup", "backup_writer_hostgroup", "reader_hostgroup",
+                                                 "max_writers", "writer_is_also_reader", "active")} == {
+        "writer_hostgroup": 10, "backup_writer_hostgroup": 20, "reader_hostgroup": 30,
+        "max_writers": 1, "writer_is_also_reader": 0, "active": 1}
+    users = {libconfig.member(u, "username"): libconfig.member(u, "password") for u in libconfig.rows("mysql_users")}
+    assert set(users) == {"postfixadmin", "postfix", "dovecot", "roundcube"}
+    for account in pxc.accounts(EXAMPLE):
+        if account.user in users:
+            assert users[account.user] == pxc.native_hash(secrets.get(account.secret))
+
+
+def test_libconfig_rejects_a_broken_file(libconfig, secrets):
+    broken = proxysql_cnf(secrets).replace("max_writers=1", "max_writers=")
+    with pytest.raises(ValueError):
+        libconfig.parse(broken)
+
+
+def test_proxysql_config_has_no_plaintext_app_passwords(secrets):
+    text = proxysql_cnf(secrets)
+    for account in pxc.accounts(EXAMPLE):
+        if account.user != "monitor":
+            assert secrets.get(account.secret) not in text
+
+
+def test_proxysql_reload_sequence():
+    assert dbproxy.PROXYSQL_RELOAD[:3] == (
+        "LOAD MYSQL SERVERS FROM CONFIG", "LOAD MYSQL SERVERS TO RUNTIME", "SAVE MYSQL SERVERS TO DISK")
+    assert {s.split()[1] + " " + s.split()[2] for s in dbproxy.PROXYSQL_RELOAD} == {
+        "MYSQL SERVERS", "MYSQL USERS", "MYSQL VARIABLES"}
+
+
+def test_ports_and_hosts():
+    assert dbproxy.port(LAB) == 3306 and dbproxy.port(EXAMPLE) == 6033
+    assert dbproxy.proxy_hosts(LAB) == ["postfix01", "postfix02", "postfix03"]
+
+
+def test_firewall_lets_only_back_ends_ask_the_galera_check():
+    rows = [a for a in firewall.TABLE["galera"] if a.ports == "9200"]
+    assert len(rows) == 1 and rows[0].sources == ("mail_backend",)
+    assert rows[0].when(LAB) and not rows[0].when(EXAMPLE)
