@@ -8,11 +8,12 @@ Each tier module has `converge(run)`; a new tier adds itself to one list here.
 from invoke import Collection
 
 from . import base, firewall, gateway, pki
+from . import ejabberd, keepalived, postgres
 from . import dbproxy, pxc
 from .core import runbook
 
 COMMON = [base, gateway, firewall, pki]
-XMPP = []  # postgres -> ejabberd -> keepalived
+XMPP = [postgres, ejabberd, keepalived]
 MAIL = [pxc, dbproxy]  # galera -> database proxy -> the back ends
 
 

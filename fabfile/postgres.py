@@ -1,0 +1,365 @@
+"""PostgreSQL tier (XMPP service): a primary and streaming replicas, Debian 12's
+PostgreSQL 15.
+
+Runbook:
+1. Every postgres host (roles postgres_primary, postgres_replica): the
+   `postgresql` package; /etc/postgresql/15/main/conf.d/hastack.conf
+   (listen only on localhost and the host's own service address, WAL for
+   streaming replication, the WAL-archive hook) checked with `postgres -C`;
+   pg_hba.conf with scram-sha-256 for exactly the ejabberd nodes (database
+   ejabberd) and the other postgres hosts (replication), checked through
+   pg_hba_file_rules; the archive hook script. Restart on a server setting,
+   reload on an hba change.
+2. The primary: the roles `ejabberd` (owner of database `ejabberd`) and
+   `replicator` (REPLICATION), their passwords generated into the site's
+   secrets and sent as SCRAM verifiers computed here (the clear password never
+   reaches the server); a physical replication slot per replica.
+3. Each replica: when it is already a standby (pg_is_in_recovery) it is left
+   alone: never a second base backup. A fresh cluster (only the default
+   databases) is replaced by `pg_basebackup -R -S <slot>` from the primary.
+   A host that is a primary with data of its own is refused (rescue is manual).
+
+`inv postgres.status` prints each node's role, replication state and lag.
+The WAL archive target (the backup host) comes with the backup tier; until then
+/usr/local/lib/hastack/pg-wal-archive accepts every segment without copying it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import shlex
+
+from invoke import Collection
+
+from .base import service_address
+from .core import HostFailed, HostSession, Run, UserError, runbook
+from .core.inventory import Inventory
+
+VERSION = "15"
+CLUSTER = "main"
+UNIT = f"postgresql@{VERSION}-{CLUSTER}"
+ETC = f"/etc/postgresql/{VERSION}/{CLUSTER}"
+DATA = f"/var/lib/postgresql/{VERSION}/{CLUSTER}"
+BIN = f"/usr/lib/postgresql/{VERSION}/bin"
+CONF_FILE = f"{ETC}/conf.d/hastack.conf"
+HBA_FILE = f"{ETC}/pg_hba.conf"
+PGPASS = "/var/lib/postgresql/.pgpass"
+ARCHIVE_HOOK = "/usr/local/lib/hastack/pg-wal-archive"
+PACKAGES = ["postgresql", "postgresql-client"]
+
+DB = "ejabberd"
+DB_USER = "ejabberd"
+REPL_USER = "replicator"
+SECRET_DB = "postgres_ejabberd_password"
+SECRET_REPL = "postgres_replication_password"
+PRIMARY_ROLE = "postgres_primary"
+REPLICA_ROLE = "postgres_replica"
+SCRAM_ITERATIONS = 4096
+DEFAULT_DATABASES = {"postgres", "template0", "template1"}
+
+PSQL = "runuser -u postgres -- psql -X -q -At -v ON_ERROR_STOP=1"
+
+
+# --- what the inventory says ----------------------------------------------------
+
+
+def primary(inv: Inventory) -> str:
+    hosts = inv.with_role(PRIMARY_ROLE)
+    if len(hosts) != 1:
+        raise UserError(f"{inv.path}: role {PRIMARY_ROLE} needs exactly 1 host (found {len(hosts)})")
+    return hosts[0]
+
+
+def replicas(inv: Inventory) -> list[str]:
+    return inv.with_role(REPLICA_ROLE)
+
+
+def postgres_hosts(inv: Inventory) -> list[str]:
+    return inv.with_role(PRIMARY_ROLE, REPLICA_ROLE)
+
+
+def slot_name(host: str) -> str:
+    """The physical replication slot of a replica: [a-z0-9_] only."""
+    return "replica_" + re.sub(r"[^a-z0-9_]", "_", host.lower())
+
+
+def require_replica(inv: Inventory, host: str) -> str:
+    """``host`` when it is a replica of the inventory; a UserError otherwise."""
+    if host not in inv.hosts:
+        raise UserError(f"{inv.path}: {host!r} is not a host of the inventory "
+                        f"(replicas: {', '.join(replicas(inv)) or 'none'}); nothing was changed")
+    if host not in replicas(inv):
+        roles = ", ".join(inv.hosts[host].roles) or "no roles"
+        raise UserError(f"{inv.path}: {host} has {roles}, not role {REPLICA_ROLE}; refusing to make it a "
+                        f"replica (replicas: {', '.join(replicas(inv)) or 'none'}); nothing was changed")
+    return host
+
+
+def hba_entries(inv: Inventory, host: str) -> list[dict]:
+    """The network lines of pg_hba.conf: the ejabberd nodes to the ejabberd
+    database, every other postgres host to replication; one /32 each."""
+    rows = []
+    for node in inv.with_role("ejabberd"):
+        rows.append({"database": DB, "user": DB_USER, "address": f"{service_address(inv, node)}/32",
+                     "why": f"ejabberd node {node}"})
+    for node in postgres_hosts(inv):
+        if node != host:
+            rows.append({"database": "replication", "user": REPL_USER,
+                         "address": f"{service_address(inv, node)}/32", "why": f"streaming replication to {node}"})
+    return rows
+
+
+def listen_addresses(inv: Inventory, host: str) -> list[str]:
+    """localhost and the host's own service address: never '*' or 0.0.0.0."""
+    return ["localhost", service_address(inv, host)]
+
+
+def template_vars(inv: Inventory, host: str, secret) -> dict:
+    prim = inv.with_role(PRIMARY_ROLE)
+    return {
+        "pg_version": VERSION,
+        "pg_listen": listen_addresses(inv, host),
+        "pg_hba": hba_entries(inv, host),
+        "pg_db": DB,
+        "pg_db_user": DB_USER,
+        "pg_repl_user": REPL_USER,
+        "pg_archive_hook": ARCHIVE_HOOK,
+        "pg_primary_address": service_address(inv, prim[0]) if prim else "",
+        "pg_replication_password": secret(SECRET_REPL),
+    }
+
+
+# --- SCRAM verifiers (RFC 5802 / 7677, as PostgreSQL stores them) -------------------
+
+
+def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
+    """The `SCRAM-SHA-256$iter:salt$StoredKey:ServerKey` PostgreSQL keeps for ``password``."""
+    if not password:
+        raise UserError("an empty password has no SCRAM verifier")
+    salt = salt if salt is not None else os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def scram_matches(verifier: str | None, password: str) -> bool:
+    """Whether a stored verifier is the one of ``password`` (False for md5/none/garbage)."""
+    m = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+):([A-Za-z0-9+/=]+)",
+                     (verifier or "").strip())
+    if not m:
+        return False
+    try:
+        salt = base64.b64decode(m[2], validate=True)
+    except ValueError:
+        return False
+    return hmac.compare_digest(scram_verifier(password, salt=salt, iterations=int(m[1])), m[0])
+
+
+def sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+# --- the runbook -----------------------------------------------------------------------
+
+
+def converge(run: Run) -> None:
+    inv = run.inv
+    prim = primary(inv)
+    run.secret(SECRET_DB)
+    run.secret(SECRET_REPL)
+    run.step("postgres: packages and configuration", run.hosts(PRIMARY_ROLE, REPLICA_ROLE), _configure)
+    if prim in run.hosts(PRIMARY_ROLE):
+        run.step("postgres: roles, database and replication slots on the primary", [prim], _primary)
+    run.step("postgres: streaming replicas", run.hosts(REPLICA_ROLE), _replica)
+
+
+def _configure(h: HostSession) -> None:
+    h.packages(PACKAGES)
+    h.directory("/usr/local/lib/hastack", mode="0755")
+    h.template("postgres/usr/local/lib/hastack/pg-wal-archive.j2", ARCHIVE_HOOK, mode="0755",
+               validate="sh -n {}")
+    h.directory(f"{ETC}/conf.d", owner="postgres", group="postgres", mode="0755")
+    check_conf = (f"runuser -u postgres -- {BIN}/postgres -C listen_addresses "
+                  f"-c config_file={ETC}/postgresql.conf >/dev/null")
+    conf_changed = h.template(f"postgres{CONF_FILE}.j2", CONF_FILE, owner="postgres", group="postgres",
+                              mode="0644", validate=check_conf)
+    hba_changed = h.template(f"postgres{HBA_FILE}.j2", HBA_FILE, owner="postgres", group="postgres",
+                             mode="0640")
+    if REPLICA_ROLE in h.host.roles or PRIMARY_ROLE in h.host.roles:
+        # Every postgres host can be a replica (after a promotion): the password file
+        # pg_basebackup and the WAL receiver read.
+        h.template("postgres/var/lib/postgresql/.pgpass.j2", PGPASS, owner="postgres", group="postgres",
+                   mode="0600")
+    h.service(UNIT, restart=conf_changed and not h.run.check)
+    if hba_changed and not h.run.check and not conf_changed:
+        h.sh(f"systemctl reload {UNIT}", message=f"reload {UNIT} (pg_hba.conf changed)")
+    if hba_changed and not h.run.check:
+        errors = h.probe(_sql("SELECT line_number || ': ' || error FROM pg_hba_file_rules WHERE error IS NOT NULL"))
+        if errors.stdout.strip():
+            raise HostFailed(f"{HBA_FILE}: rejected by PostgreSQL: {errors.stdout.strip()}")
+
+
+def _sql(query: str, db: str = "postgres") -> str:
+    return f"{PSQL} -d {shlex.quote(db)} -c {shlex.quote(query)}"
+
+
+def _scalar(h: HostSession, query: str, db: str = "postgres") -> str:
+    return h.read(_sql(query, db)).strip()
+
+
+def _wait_ready(h: HostSession) -> None:
+    if h.run.check:
+        return
+    r = h.probe(f"for i in $(seq 60); do runuser -u postgres -- pg_isready -q && exit 0; sleep 1; done; exit 1")
+    if not r.ok:
+        raise HostFailed(f"{UNIT} does not accept connections after 60 s")
+
+
+def _primary(h: HostSession) -> None:
+    _wait_ready(h)
+    if not h.run.check and _scalar(h, "SELECT pg_is_in_recovery()") == "t":
+        raise HostFailed(f"{h.name} is the inventory's {PRIMARY_ROLE} but is a standby (in recovery); "
+                         "refusing to create roles on it")
+    _role(h, DB_USER, h.run.secret(SECRET_DB), "LOGIN")
+    _role(h, REPL_USER, h.run.secret(SECRET_REPL), "LOGIN REPLICATION")
+    exists = h.probe(_sql(f"SELECT count(*) FROM pg_database WHERE datname = {sql_literal(DB)}")).stdout.strip()
+    if exists == "1":
+        owner = h.probe(_sql(f"SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = {sql_literal(DB)}"))
+        if owner.stdout.strip() == DB_USER:
+            h.ok(f"database {DB} exists, owned by {DB_USER}")
+        else:
+            h.sh(_sql(f'ALTER DATABASE "{DB}" OWNER TO "{DB_USER}"'), message=f"database {DB}: owner {DB_USER}")
+    else:
+        h.sh(_sql(f'CREATE DATABASE "{DB}" OWNER "{DB_USER}" ENCODING \'UTF8\' TEMPLATE template0'),
+             message=f"create database {DB} owned by {DB_USER}")
+    public = h.probe(_sql("SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'public'", DB))
+    if public.ok and public.stdout.strip() == DB_USER:
+        h.ok(f"schema public of {DB} owned by {DB_USER}")
+    else:
+        h.sh(_sql(f'ALTER SCHEMA public OWNER TO "{DB_USER}"', DB), message=f"schema public of {DB}: owner {DB_USER}")
+    for replica in replicas(h.inv):
+        slot = slot_name(replica)
+        have = h.probe(_sql(f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = {sql_literal(slot)}"))
+        if have.stdout.strip() == "1":
+            h.ok(f"replication slot {slot} (for {replica})")
+        else:
+            h.sh(_sql(f"SELECT pg_create_physical_replication_slot({sql_literal(slot)})"),
+                 message=f"create physical replication slot {slot} for {replica}")
+
+
+def _role(h: HostSession, name: str, password: str, attributes: str) -> None:
+    stored = h.probe(_sql(f"SELECT rolpassword FROM pg_authid WHERE rolname = {sql_literal(name)}"))
+    row = h.probe(_sql(f"SELECT count(*) FROM pg_roles WHERE rolname = {sql_literal(name)}")).stdout.strip()
+    verb = "ALTER" if row == "1" else "CREATE"
+    wanted_attrs = h.probe(_sql(
+        f"SELECT rolcanlogin::text || rolreplication::text FROM pg_roles WHERE rolname = {sql_literal(name)}"))
+    want_flags = "true" + ("true" if "REPLICATION" in attributes else "false")
+    if verb == "ALTER" and scram_matches(stored.stdout, password) and wanted_attrs.stdout.strip() == want_flags:
+        h.ok(f"role {name}: {attributes.lower()}, password is the site's (SCRAM)")
+        return
+    # The verifier is computed here: the clear password never reaches the server
+    # or its logs; psql reads the statement from stdin, not from the command line.
+    statement = f'{verb} ROLE "{name}" WITH {attributes} PASSWORD {sql_literal(scram_verifier(password))};\n'
+    h.sh(f"{PSQL} -d postgres -f -", stdin=statement,
+         message=f"{verb.lower()} role {name} ({attributes.lower()}, SCRAM password from the site's secrets)")
+
+
+def _replica(h: HostSession) -> None:
+    inv = h.inv
+    prim = primary(inv)
+    slot = slot_name(h.name)
+    _wait_ready(h)
+    state = h.probe(_sql("SELECT pg_is_in_recovery()"))
+    if state.ok and state.stdout.strip() == "t":
+        receiver = h.probe(_sql("SELECT status || ' from ' || sender_host FROM pg_stat_wal_receiver")).stdout.strip()
+        if receiver.startswith("streaming"):
+            h.ok(f"standby, {receiver} (slot {slot}): left alone, no base backup")
+        else:
+            h.ok(f"standby, WAL receiver: {receiver or 'not connected'}; left alone (no base backup "
+                 "over a standby: see `inv postgres.status`)")
+        return
+    databases = set(h.read(_sql("SELECT datname FROM pg_database")).split()) if state.ok else set()
+    own = sorted(databases - DEFAULT_DATABASES)
+    if own:
+        raise HostFailed(f"{h.name} is a primary with databases of its own ({', '.join(own)}), not a standby; "
+                         "refusing to wipe it for a base backup (a promoted former replica? rebuild it by hand)")
+    _basebackup(h, prim, slot)
+
+
+def _basebackup(h: HostSession, prim: str, slot: str) -> None:
+    source = service_address(h.inv, prim)
+    if h.run.check:
+        h.changed(f"would replace the fresh cluster {DATA} by pg_basebackup -R -S {slot} from {prim} ({source})")
+        return
+    cmd = " && ".join([
+        f"systemctl stop {UNIT}",
+        f"find {DATA} -mindepth 1 -delete",
+        f"runuser -u postgres -- env PGPASSFILE={PGPASS} pg_basebackup -h {source} -U {REPL_USER} -D {DATA} "
+        f"-R -S {slot} -X stream -c fast -w",
+        f"systemctl start {UNIT}",
+    ])
+    h.sh(cmd, message=f"base backup from {prim} ({source}) over slot {slot}; started as a streaming standby",
+         timeout=1800)
+    _wait_ready(h)
+    r = h.probe("for i in $(seq 30); do " + _sql("SELECT status FROM pg_stat_wal_receiver")
+                + " | grep -qx streaming && exit 0; sleep 1; done; exit 1")
+    if not r.ok:
+        raise HostFailed(f"{h.name}: standby started but its WAL receiver is not streaming from {prim} after 30 s")
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def _status(h: HostSession) -> None:
+    in_recovery = h.probe(_sql("SELECT pg_is_in_recovery()"))
+    if not in_recovery.ok:
+        raise HostFailed(f"PostgreSQL does not answer: {(in_recovery.stderr or in_recovery.stdout).strip()}")
+    if in_recovery.stdout.strip() == "f":
+        rows = h.read(_sql(
+            "SELECT coalesce(application_name, '?') || ' ' || coalesce(host(client_addr), 'local') || ' ' || "
+            "state || ' ' || coalesce(sync_state, '?') || ' lag ' || "
+            "coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint::text, '?') || ' bytes' "
+            "FROM pg_stat_replication ORDER BY 1")).strip()
+        slots = h.read(_sql("SELECT slot_name || (CASE WHEN active THEN ' active' ELSE ' inactive' END) "
+                            "FROM pg_replication_slots ORDER BY 1")).strip()
+        h.ok("role primary; replicas: " + ("; ".join(rows.splitlines()) or "none connected")
+             + "; slots: " + (", ".join(slots.splitlines()) or "none"))
+    else:
+        receiver = h.read(_sql(
+            "SELECT status || ' from ' || sender_host || ' slot ' || coalesce(slot_name, '-') "
+            "FROM pg_stat_wal_receiver")).strip()
+        lag = h.read(_sql("SELECT coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), "
+                          "pg_last_wal_replay_lsn())::bigint::text, '?')")).strip()
+        h.ok(f"role replica; WAL receiver {receiver or 'not connected'}; replay lag {lag} bytes")
+
+
+@runbook(default=True)
+def deploy(run):
+    """Converge PostgreSQL: the primary, its roles and database, streaming replicas."""
+    converge(run)
+
+
+@runbook
+def status(run):
+    """Print every PostgreSQL node's role, replication state and lag in bytes."""
+    run.step("postgres: status", run.hosts(PRIMARY_ROLE, REPLICA_ROLE), _status)
+
+
+@runbook(help={"host": f"the replica to build (a host with role {REPLICA_ROLE})"})
+def replica(run, host):
+    """Build one streaming replica (base backup only when it is not a standby yet)."""
+    require_replica(run.inv, host)
+    prim = primary(run.inv)
+    run.step("postgres: packages and configuration", [prim, host], _configure)
+    run.step("postgres: replication slot on the primary", [prim], _primary)
+    run.step("postgres: streaming replica", [host], _replica)
+
+
+ns = Collection("postgres", deploy, status, replica)

@@ -1,0 +1,81 @@
+"""keepalived tier without hosts: keepalived.conf for every ejabberd host of every
+shipped inventory (unicast peers, VIP, password length, track script), checked
+with `keepalived -t` when the machine has keepalived."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fabfile import keepalived
+from fabfile.core import templates
+from fabfile.core.inventory import load
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB = ROOT / "inventory/lab.yml"
+INVENTORIES = [p for p in sorted((ROOT / "inventory").glob("*.yml")) if not p.name.count(".") > 1]
+CONF = "keepalived/etc/keepalived/keepalived.conf.j2"
+
+
+def secret(name):
+    return "abcdefghijklmnop"
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return load(LAB)
+
+
+@pytest.mark.parametrize("inventory", INVENTORIES, ids=lambda p: p.name)
+def test_each_node_peers_with_the_others_by_unicast(inventory):
+    inv = load(inventory)
+    if "xmpp" not in inv.vips:
+        pytest.skip("no xmpp VIP")
+    vip = inv.vips["xmpp"]
+    holders = inv.with_role("ejabberd")
+    for host in holders:
+        text = templates.render(CONF, inv, host, secret)
+        me = str(inv.hosts[host].addresses[vip.network])
+        assert f"unicast_src_ip {me}\n" in text
+        for other in holders:
+            addr = str(inv.hosts[other].addresses[vip.network])
+            assert (f"        {addr}\n" in text) == (other != host)
+        assert f"{vip.address}/{inv.networks[vip.network].cidr.prefixlen} dev" in text
+        assert "auth_pass abcdefgh\n" in text  # VRRP PASS auth: 8 characters
+        assert "chk_ejabberd" in text and "nopreempt" in text
+
+
+def test_priorities_descend_in_inventory_order(lab):
+    assert [keepalived.priority(lab, h) for h in lab.with_role("ejabberd")] == [150, 140]
+
+
+def test_router_id_is_in_range_and_stable(lab):
+    rid = keepalived.router_id(lab)
+    assert 1 <= rid <= 255 and rid == keepalived.router_id(lab)
+
+
+def test_generated_password_is_8_characters():
+    pw = keepalived.vrrp_password()
+    assert len(pw) == 8 and pw.isalnum() and pw != keepalived.vrrp_password()
+
+
+def test_detected_interface_replaces_the_network_name(lab):
+    text = templates.render(CONF, lab, "e1server", secret, detected_interface="eth1")
+    assert "interface eth1\n" in text and "dev eth1\n" in text and "interface dmz" not in text
+
+
+def test_check_script_tests_the_unit_and_the_c2s_port(lab):
+    text = templates.render("keepalived/usr/local/lib/hastack/check-ejabberd.j2", lab, "e1server", secret)
+    assert text.startswith("#!/bin/sh\n")
+    assert "systemctl is-active --quiet ejabberd.service" in text
+    assert "nc -z -w 2 10.200.1.2 5222" in text
+
+
+@pytest.mark.skipif(not shutil.which("keepalived"), reason="keepalived is not installed on this machine")
+def test_keepalived_accepts_the_config(lab, tmp_path):
+    conf = tmp_path / "keepalived.conf"
+    conf.write_text(templates.render(CONF, lab, "e1server", secret))
+    assert subprocess.run(["keepalived", "-t", "-f", str(conf)], capture_output=True).returncode == 0
