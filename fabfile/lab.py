@@ -444,12 +444,15 @@ ForeGround: 1
 Remap-debrep: file:deb_mirror*.gz /debian ; file:backends_debian
 Remap-secdeb: security.debian.org security.debian.org/debian-security deb.debian.org/debian-security /debian-security ; {security}
 ExThreshold: 4
-# Sixteen hosts asking for the same InRelease at once make apt-cacher-ng 3.7
+# Sixteen hosts asking for the same InRelease at once can make apt-cacher-ng 3.7
 # replace its cache entry twice in one second ("Failure to move file ... out of
-# the way"); the request fails and apt's http method then hangs for good. The
-# tiny Release files pass through uncached; the indexes they point to are
-# fetched by hash and packages by version, and those stay cached.
-DontCacheRequested: /(In)?Release(\\.gpg)?$
+# the way") and fail the request. Index files fetched in the last 10 minutes are
+# served without asking upstream again, so a deploy's many `apt-get update`s do
+# not refresh at once; the hosts' apt retries with a timeout (APT_PROXY_CONF).
+# (Passing Release files through uncached is no cure: on pass-through 3.7 sends
+# the client's Host and User-Agent headers twice, and an HTTP proxy between here
+# and the archive may answer 400.)
+FreshIndexMaxAge: 600
 """
 
 
@@ -600,8 +603,9 @@ def prepare_disk(plan: Plan, host: str) -> bool:
 APT_PROXY_CONF = """\
 // Written by inv lab.up: the lab reaches the Debian archive only through this proxy.
 Acquire::http::Proxy "{url}";
-// A dropped or slow download is retried rather than fatal.
+// A dropped, failed or stalled download is retried rather than fatal or hung.
 Acquire::Retries "3";
+Acquire::http::Timeout "30";
 """
 
 
