@@ -16,9 +16,10 @@ from fabfile import firewall, gateway
 from fabfile.core import UserError, templates
 from fabfile.core.inventory import ROLES, load, parse
 from fabfile.core.remote import Result
+from tests.unit.shipped import INVENTORIES
 
 ROOT = Path(__file__).resolve().parents[2]
-INVENTORIES = sorted((ROOT / "inventory").glob("*.yml"))
+
 LAB = ROOT / "inventory/lab.yml"
 
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from fabfile.core.inventory import InventoryError, load, parse
+from tests.unit.shipped import INVENTORIES as SHIPPED
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = sorted((ROOT / "inventory").glob("*.yml"))
 
 BASE = {
     "site": {"name": "t", "domain": "t.test"},

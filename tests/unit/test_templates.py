@@ -9,9 +9,10 @@ import pytest
 from fabfile.core import templates
 from fabfile.core.inventory import load
 from fabfile.core.secrets import Secrets
+from tests.unit.shipped import INVENTORIES
 
 ROOT = Path(__file__).resolve().parents[2]
-INVENTORIES = sorted((ROOT / "inventory").glob("*.yml"))
+
 NAMES = templates.template_names()
 
 
