@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from invoke import Collection
+from rich.console import Console
 from rich.table import Table
 
 from .core import HostFailed, HostSession, Run, UserError, runbook
@@ -820,6 +821,15 @@ def evidence_table(states: list[Node], chosen: str | None = None) -> Table:
     return t
 
 
+def _print_table(run: Run, table: Table) -> None:
+    # Off a terminal (logs, CI, tests) the table keeps its full width instead of 80 columns.
+    console = run.report.console
+    if console.is_terminal:
+        console.print(table)
+    else:
+        Console(highlight=False, width=160, file=console.file).print(table)
+
+
 @runbook(help={
     "yes": "do not ask for confirmation (needed when stdin is not a terminal)",
     "node": "bootstrap this node (refused when another node is ahead of it)",
@@ -835,9 +845,9 @@ def bootstrap(run, yes=False, node=None, force=False):
     try:
         decision = decide(states, node=node, force=force)
     except UserError:
-        run.report.console.print(evidence_table(states))
+        _print_table(run, evidence_table(states))
         raise
-    run.report.console.print(evidence_table(states, decision.node))
+    _print_table(run, evidence_table(states, decision.node))
     run.report.log("evidence: " + "; ".join(f"{n.name} {describe(n)} {n.position} ({n.source}) "
                                             f"safe_to_bootstrap={int(n.safe_to_bootstrap)}" for n in states))
     for r in decision.reasons:
@@ -895,7 +905,7 @@ def status(run):
     """Per node: mysqld, cluster status (Primary?), state, size, seqno; tables without a primary key."""
     galera = _guard_inventory(run) if run.inv.mail else []
     states = gather(run, galera, recover=False)
-    run.report.console.print(evidence_table(states))
+    _print_table(run, evidence_table(states))
     primary = next((n for n in states if n.synced), None)
     if primary:
         out = run.session(primary.name).probe(mysql_cmd(tables_without_primary_key_sql()))
