@@ -52,6 +52,7 @@ DATADIR = "/var/lib/mysql"
 GRASTATE = f"{DATADIR}/grastate.dat"
 CHECK_PORT = 9200
 CHECK_CNF = "/etc/mysql/galera-check.cnf"
+POLICY_RC_D = "/usr/sbin/policy-rc.d"
 SYNC_TIMEOUT = 600  # seconds a joiner may take (SST of a big data set)
 
 
@@ -449,8 +450,7 @@ def decide(states: list[Node], *, node: str | None = None, force: bool = False) 
 
     - a node still part of a Primary component: refuse (nothing to bootstrap);
     - a node that cannot be reached, or whose mysqld is alive but does not
-      answer: refuse (its mysqld may be alive); --force only for unreachable
-      nodes the operator knows are powered off;
+      answer: refuse, even with --force (its mysqld may be alive);
     - highest seqno wins; ties go to a node with safe_to_bootstrap: 1, then to
       a node that is still running, then inventory order;
     - a node whose position cannot be recovered (seqno -1 / null UUID) is
@@ -476,10 +476,10 @@ def decide(states: list[Node], *, node: str | None = None, force: bool = False) 
                         "joining or hung); it may still become Primary: wait, or stop it, then retry")
     unreachable = [n.name for n in states if not n.reachable]
     if unreachable:
-        if not force:
-            raise UserError(f"refusing: cannot reach {', '.join(unreachable)} over SSH, so its mysqld may "
-                            "still be alive; bring it back, or power it off for certain and use --force")
-        reasons.append(f"--force: {', '.join(unreachable)} unreachable, taken as powered off")
+        # Not even --force: a peer we cannot see may still be Primary (split brain).
+        raise UserError(f"refusing: cannot reach {', '.join(unreachable)} over SSH, so its mysqld may "
+                        "still be alive; make it reachable (if it is gone for good, replace it in the "
+                        "inventory first)")
     standalone = [n.name for n in states if n.running and not n.wsrep_on]
     if standalone:
         raise UserError(f"refusing: {', '.join(standalone)} runs mysqld without Galera (wsrep off); "
@@ -690,7 +690,10 @@ def _install(h: HostSession, flav: Flavour) -> bool:
         h.ensure("! systemctl is-enabled -q mariadb.socket 2>/dev/null && ! systemctl is-active -q mariadb.socket",
                  "systemctl disable --now mariadb.socket && systemctl mask mariadb.socket",
                  "mariadb.socket disabled (3306 belongs to mariadbd)")
-    h.packages(flav.packages)
+    if flav.name == "percona":
+        _percona_packages(h, flav)
+    else:
+        h.packages(flav.packages)
     changed = h.template(flav.config_template, flav.config_path, group="mysql", mode="0640")
     if h.template(flav.dropin_template, flav.dropin_path):
         h.sh("systemctl daemon-reload")
@@ -708,6 +711,23 @@ def _install(h: HostSession, flav: Flavour) -> bool:
         h.sh("systemctl daemon-reload")
     h.service("galera-check.socket", restart=units)
     return changed
+
+
+def _percona_packages(h: HostSession, flav: Flavour) -> None:
+    """PXC's postinst would start each node as a cluster of its own: the install
+    runs under a policy-rc.d that lets no service start; the nodes are started
+    by the formation steps. mysqld reads the pki tier's host key (group ssl-cert)
+    for pxc-encrypt-cluster-traffic."""
+    fresh = not h.probe("dpkg-query -W -f='${db:Status-Status}' percona-xtradb-cluster | grep -qx installed").ok
+    if fresh:
+        h.template("pxc/usr/sbin/policy-rc.d.j2", POLICY_RC_D, mode="0755")
+    try:
+        h.packages(flav.packages)
+    finally:
+        if fresh:
+            h.sh(f"rm -f {POLICY_RC_D}", message=f"remove {POLICY_RC_D} (services may start again)")
+    h.ensure("id -nG mysql | grep -qw ssl-cert", "usermod -aG ssl-cert mysql",
+             "mysql is in group ssl-cert (reads the host key for encrypted cluster traffic)")
 
 
 def _config_newer_than_server(h: HostSession, flav: Flavour) -> bool:
@@ -833,7 +853,8 @@ def _print_table(run: Run, table: Table) -> None:
 @runbook(help={
     "yes": "do not ask for confirmation (needed when stdin is not a terminal)",
     "node": "bootstrap this node (refused when another node is ahead of it)",
-    "force": "proceed although a node is unreachable (you know it is powered off) or has no recoverable position",
+    "force": "proceed although a node has no recoverable position (it is never chosen) or the nodes' "
+             "cluster UUIDs differ; never overrides a live Primary or an unreachable peer",
 })
 def bootstrap(run, yes=False, node=None, force=False):
     """Bring the cluster back after every node went down (or the survivor lost quorum)."""

@@ -198,13 +198,11 @@ def test_healthy_cluster_is_refused():
         decide(nodes)
 
 
-def test_unreachable_node_refused_unless_force():
+def test_unreachable_node_is_refused_even_with_force():
     nodes = [down("pxc1", 10), Node("pxc2", reachable=False, error="timeout"), down("pxc3", 9)]
-    with pytest.raises(UserError, match="cannot reach pxc2 over SSH, so its mysqld may still be alive"):
-        decide(nodes)
-    d = decide(nodes, force=True)
-    assert d.node == "pxc1" and d.start_after == ("pxc3",)
-    assert any("unreachable" in r for r in d.reasons)
+    for force in (False, True):
+        with pytest.raises(UserError, match="cannot reach pxc2 over SSH, so its mysqld may still be alive"):
+            decide(nodes, force=force)
 
 
 def test_alive_but_not_answering_is_refused_even_with_force():
@@ -378,3 +376,70 @@ def test_tasks_are_listed():
     out = _inv("--list")
     for name in ("pxc.deploy", "pxc.bootstrap", "pxc.status", "dbproxy.deploy"):
         assert name in out.stdout
+
+
+# --- the percona install sequence, against a recording stand-in for a host -------------------
+
+
+class FakeHost:
+    """Records what the tier asks of a host; probes answer from ``answers`` (default: fail)."""
+
+    def __init__(self, inv, name, secrets, answers=None):
+        self.inv, self.name, self.answers, self.calls = inv, name, answers or {}, []
+        self.run = type("R", (), {"secret": staticmethod(secrets.get), "check": False})()
+        self._secrets = secrets
+
+    def probe(self, cmd, **_):
+        ok = next((v for k, v in self.answers.items() if k in cmd), False)
+        return type("Res", (), {"ok": ok, "stdout": "", "stderr": ""})()
+
+    def ensure(self, present, fix, message):
+        self.calls.append(("ensure", fix))
+        return True
+
+    def packages(self, names):
+        self.calls.append(("packages", tuple(sorted(names))))
+        return True
+
+    def template(self, name, dest, **kw):
+        templates.render(name, self.inv, self.name, self._secrets.get)  # must render
+        self.calls.append(("template", dest))
+        return True
+
+    def sh(self, cmd, **kw):
+        self.calls.append(("sh", cmd))
+
+    def service(self, name, **kw):
+        self.calls.append(("service", name))
+
+    def note(self, msg):
+        pass
+
+
+def test_percona_install_sequence(secrets):
+    h = FakeHost(EXAMPLE, "pxc1", secrets)
+    pxc._install(h, pxc.FLAVOURS["percona"])
+    calls = h.calls
+    kinds = [c[0] + ":" + str(c[1]) for c in calls]
+    assert "percona-release" in calls[0][1] and "repo.percona.com" in calls[0][1]
+    assert calls[1] == ("ensure", "percona-release enable-only pxc-80 release && percona-release enable tools "
+                                  "release && apt-get update -q")
+    i_policy = kinds.index("template:/usr/sbin/policy-rc.d")
+    i_pkgs = kinds.index("packages:('percona-xtradb-cluster', 'rsync', 'socat')")
+    i_rm = kinds.index("sh:rm -f /usr/sbin/policy-rc.d")
+    assert i_policy < i_pkgs < i_rm, "no service may start while the packages install"
+    assert ("ensure", "usermod -aG ssl-cert mysql") in calls
+    assert ("template", "/etc/mysql/mysql.conf.d/mysqld.cnf") in calls
+    assert ("template", "/etc/systemd/system/mysql.service.d/hastack.conf") in calls
+    assert ("sh", "systemctl daemon-reload") in calls
+    assert ("service", "galera-check.socket") in calls
+    assert not any("mariadb" in str(c[1]) for c in calls)
+
+
+def test_mariadb_install_sequence(secrets):
+    h = FakeHost(LAB, "pxc2", secrets)
+    pxc._install(h, pxc.FLAVOURS["mariadb"])
+    assert h.calls[0] == ("ensure", "systemctl disable --now mariadb.socket && systemctl mask mariadb.socket")
+    assert ("packages", ("galera-4", "mariadb-backup", "mariadb-client", "mariadb-server", "rsync", "socat")) in h.calls
+    assert ("template", "/etc/mysql/mariadb.conf.d/60-galera.cnf") in h.calls
+    assert not any("policy-rc.d" in str(c[1]) for c in h.calls)
