@@ -198,7 +198,9 @@ def _configure(h: HostSession) -> bool:
     changed = False
     changed |= h.template("ejabberd/etc/default/ejabberd.j2", CTL_CONFIG, validate="sh -n {}")
     text = render_config(inv, h.name, h.run.secret)
-    running = "if ejabberdctl status >/dev/null 2>&1; then ejabberdctl reload_config; fi"
+    # Only against a running service: any ejabberdctl call starts an epmd of its own
+    # when none listens, which would then keep epmd.socket from starting.
+    running = "if systemctl is-active --quiet ejabberd; then ejabberdctl reload_config; fi"
     changed |= h.put(text, CONFIG, owner="ejabberd", group="ejabberd", mode="0600", validate=running)
     changed |= h.template("ejabberd/var/lib/ejabberd/.erlang.cookie.j2", COOKIE, owner="ejabberd",
                           group="ejabberd", mode="0400")
@@ -226,7 +228,20 @@ def _schema(h: HostSession, run: Run, first: str, out: dict) -> None:
          message=f"load ejabberd's {SCHEMA} into {postgres.DB} (tables owned by {postgres.DB_USER})")
 
 
+def _epmd(h: HostSession) -> None:
+    """epmd from its systemd socket (ejabberd.service requires epmd.service)."""
+    if h.probe("systemctl is-active --quiet epmd.socket").ok:
+        h.ok("epmd.socket listening")
+        return
+    if h.probe("epmd -names").ok:
+        # An epmd started by some erl command (not by systemd) holds port 4369.
+        h.sh("epmd -kill", message="stop an epmd started outside systemd, so that epmd.socket can listen")
+    h.sh("systemctl reset-failed epmd.socket epmd.service; systemctl start epmd.socket",
+         message="start epmd.socket")
+
+
 def _running(h: HostSession, changed: bool) -> None:
+    _epmd(h)
     h.service("ejabberd", restart=changed and not h.run.check)
     if h.run.check:
         return
@@ -248,8 +263,14 @@ def _join(h: HostSession, first: str) -> None:
     if have.ok and want in cluster_members(have.stdout):
         h.ok(f"in the cluster: {', '.join(cluster_members(have.stdout))}")
         return
-    h.sh(f"{CTL} --no-timeout join_cluster {want} && {WAIT_STARTED}",
-         message=f"join_cluster {want}", timeout=300)
+    # join_cluster restarts the ejabberd application inside the node, which tells
+    # systemd STOPPING=1: the unit would hang in "deactivating" until its stop
+    # timeout. So the node is stopped cleanly (`ejabberdctl stop` + `stopped`: the
+    # unit ends with status 0) and started again by systemd; mnesia keeps the
+    # membership.
+    h.sh(f"{CTL} --no-timeout join_cluster {want} && {CTL} stop && {CTL} stopped "
+         f"&& systemctl start ejabberd && {WAIT_STARTED}",
+         message=f"join_cluster {want}, then restart the unit cleanly", timeout=300)
     if not h.run.check:
         after = h.read(f"{CTL} list_cluster")
         if want not in cluster_members(after):

@@ -1,0 +1,351 @@
+"""XMPP service on real lab hosts (issue 5): after deploy.common on the XMPP hosts
+and deploy.xmpp, prove with real clients that
+- PostgreSQL streams to the replica (pg_stat_replication; a row written on the
+  primary with psycopg is on the replica within a second; the replica refuses
+  writes);
+- both ejabberd nodes are one cluster;
+- users registered by the task log in over STARTTLS to the VIP, the server's
+  certificate verified against the site CA (an unknown CA fails), alice on one
+  node sends bob on the other a message, and the users are rows in PostgreSQL;
+- bad input to the ops tasks changes nothing;
+- stopping ejabberd on the VIP holder moves the VIP, clients log in there again
+  and exchange messages, and the node rejoins the cluster when started;
+- a second deploy.xmpp changes nothing (same replica, same cluster).
+
+Clients run inside a lab host's network namespace (`ip netns exec`): the
+gateway's DMZ side for XMPP, an ejabberd node (the hosts pg_hba admits) for
+PostgreSQL. Hosts and addresses come from the inventory, so this runs against
+any lab inventory with an XMPP service.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from fabfile import ejabberd, postgres
+from fabfile.base import service_address
+from fabfile.core.secrets import Secrets, token
+from tests.lab.labhost import recap
+
+pytestmark = pytest.mark.lab
+
+CLIENT = Path(__file__).with_name("xmpp_client.py")
+PSQL = "runuser -u postgres -- psql -X -At"
+
+
+def ok(out) -> None:
+    assert out.returncode == 0, f"{out.args}\n{out.stdout[-5000:]}\n{out.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def xmpp(lab, tmp_path_factory):
+    inv = lab.inv
+    if inv.xmpp is None:
+        pytest.skip("the lab inventory has no XMPP service")
+    hosts = inv.with_role("ejabberd", "postgres_primary", "postgres_replica", "gateway")
+    ok(lab.invoke("deploy.common", "--hosts", ",".join(hosts)))
+    first = lab.invoke("deploy.xmpp")
+    ok(first)
+    vip = inv.vips["xmpp"]
+    gateway = next(h for h in inv.with_role("gateway") if vip.network in inv.hosts[h].addresses)
+    secrets = Secrets(inv.site_file("secrets.yml"), persist=False)
+    folder = tmp_path_factory.mktemp("xmpp")
+    ca = folder / "ca.crt"
+    ca.write_text(secrets.require("pki_ca_cert"))
+    users = {"alice": token(16), "bob": token(16)}
+    for user, password in users.items():
+        ok(lab.invoke("ejabberd.register-user", user, password, "--update"))
+    return SimpleNamespace(
+        inv=inv, domain=inv.xmpp.domain, vip=str(vip.address), vip_network=vip.network,
+        nodes=ejabberd.nodes(inv), primary=postgres.primary(inv), replicas=postgres.replicas(inv),
+        gateway=gateway, ca=ca, folder=folder, users=users,
+        db_password=secrets.require(postgres.SECRET_DB),
+    )
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def in_netns(lab, host: str, script: str, stdin: str, timeout: float = 120) -> dict:
+    """Run a python script with this venv's python inside ``host``'s network namespace."""
+    out = subprocess.run(["ip", "netns", "exec", lab.plan.netns(host), sys.executable, "-c", script],
+                         input=stdin, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"client in {host} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def chat(lab, x, hosts: list[str], *, message: str | None = None, ca: Path | None = None) -> dict:
+    """alice logs in at hosts[0], bob at hosts[1] (addresses), alice sends bob ``message``."""
+    spec = {
+        "ca": str(ca or x.ca), "timeout": 20, "message": message,
+        "clients": [{"jid": f"{u}@{x.domain}", "password": x.users[u], "host": h}
+                    for u, h in zip(("alice", "bob"), hosts)],
+    }
+    return in_netns(lab, x.gateway, CLIENT.read_text(), json.dumps(spec))
+
+
+def vip_holders(lab, x) -> list[str]:
+    res = lab.run_all(x.nodes, f"ip -o -4 addr show | grep -qw {x.vip}")
+    return [h for h, r in res.items() if r.returncode == 0]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def cluster_of(lab, host: str) -> set[str]:
+    r = lab.run(host, "ejabberdctl list_cluster")
+    return set(ejabberd.cluster_members(r.stdout)) if r.returncode == 0 else set()
+
+
+def wait_started(lab, host: str) -> None:
+    r = lab.run(host, ejabberd.WAIT_STARTED, timeout=150)
+    assert r.returncode == 0, f"ejabberd on {host} did not start: {r.stdout}{r.stderr}"
+
+
+PG_PROBE = textwrap.dedent("""\
+    import json, sys, time
+    import psycopg
+    a = json.load(sys.stdin)
+    def conn(host):
+        return psycopg.connect(host=host, dbname=a["db"], user=a["user"], password=a["password"],
+                               connect_timeout=10, autocommit=True)
+    out = {}
+    table = a["table"]
+    with conn(a["primary"]) as p:
+        p.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, note text)")
+        written = time.monotonic()
+        p.execute(f"INSERT INTO {table} VALUES (1, %s)", (a["note"],))
+        for replica in a["replicas"]:
+            with conn(replica) as r:
+                seen = None
+                while time.monotonic() - written < 5:
+                    try:
+                        row = r.execute(f"SELECT note FROM {table} WHERE id = 1").fetchone()
+                    except psycopg.errors.UndefinedTable:
+                        row = None
+                    if row:
+                        seen = time.monotonic() - written
+                        break
+                    time.sleep(0.02)
+                try:
+                    r.execute(f"INSERT INTO {table} VALUES (2, 'on the replica')")
+                    refused = None
+                except psycopg.errors.ReadOnlySqlTransaction as e:
+                    refused = str(e).strip()
+                in_recovery = r.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+                out[replica] = {"seen_after": seen, "refused": refused, "in_recovery": in_recovery,
+                                "row": row[0] if row else None}
+        p.execute(f"DROP TABLE {table}")
+    print(json.dumps(out))
+""")
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+
+
+def test_primary_streams_to_every_replica(lab, xmpp):
+    rows = lab.run(xmpp.primary, f"{PSQL} -c \"SELECT host(client_addr), state FROM pg_stat_replication\"",
+                   check=True).stdout.split()
+    for replica in xmpp.replicas:
+        assert f"{service_address(xmpp.inv, replica)}|streaming" in rows, rows
+        slot = postgres.slot_name(replica)
+        active = lab.run(xmpp.primary, f"{PSQL} -c \"SELECT active FROM pg_replication_slots "
+                                       f"WHERE slot_name = '{slot}'\"", check=True).stdout.strip()
+        assert active == "t"
+
+
+def test_a_row_written_on_the_primary_is_on_the_replica_within_a_second_and_the_replica_refuses_writes(
+        lab, xmpp):
+    args = {
+        "db": postgres.DB, "user": postgres.DB_USER, "password": xmpp.db_password,
+        "primary": service_address(xmpp.inv, xmpp.primary),
+        "replicas": [service_address(xmpp.inv, r) for r in xmpp.replicas],
+        "table": f"hastack_probe_{uuid.uuid4().hex[:8]}", "note": uuid.uuid4().hex,
+    }
+    # From an ejabberd node: the hosts pg_hba and the firewalls admit.
+    out = in_netns(lab, xmpp.nodes[0], PG_PROBE, json.dumps(args))
+    for replica in args["replicas"]:
+        r = out[replica]
+        assert r["row"] == args["note"] and r["seen_after"] is not None and r["seen_after"] < 1.0, r
+        assert r["in_recovery"] is True
+        assert r["refused"] and "read-only" in r["refused"], r
+
+
+def test_only_listed_addresses_may_connect(lab, xmpp):
+    hba = lab.run(xmpp.primary, "grep -vE '^(#|$)' /etc/postgresql/15/main/pg_hba.conf", check=True).stdout
+    assert "trust" not in hba and "0.0.0.0/0" not in hba and " md5" not in hba
+    listen = lab.run(xmpp.primary, "ss -Hltn 'sport = :5432'", check=True).stdout
+    assert "*:5432" not in listen and "0.0.0.0:5432" not in listen
+    assert f"{service_address(xmpp.inv, xmpp.primary)}:5432" in listen
+
+
+# --- ejabberd --------------------------------------------------------------------------------
+
+
+def test_every_node_lists_the_whole_cluster(lab, xmpp):
+    want = {ejabberd.node_name(h) for h in xmpp.nodes}
+    for host in xmpp.nodes:
+        assert cluster_of(lab, host) == want, host
+
+
+def test_cookie_and_node_name(lab, xmpp):
+    res = lab.run_all(xmpp.nodes, "stat -c '%U:%a' /var/lib/ejabberd/.erlang.cookie && md5sum "
+                                  "< /var/lib/ejabberd/.erlang.cookie")
+    sums = set()
+    for host, r in res.items():
+        owner, digest = r.stdout.split("\n", 1)
+        assert owner == "ejabberd:400"
+        sums.add(digest.strip())
+    assert len(sums) == 1, "the nodes must share one cookie"
+
+
+def test_users_log_in_over_starttls_at_the_vip_and_messages_cross_the_cluster(lab, xmpp):
+    vip = chat(lab, xmpp, [xmpp.vip, xmpp.vip])
+    for login in vip["logins"]:
+        assert login["status"] == "ok" and login["tls"], login
+        assert xmpp.domain in login["peer"]
+    # alice on the first node, bob on the second: the message crosses the cluster.
+    a, b = (str(xmpp.inv.hosts[h].addresses[xmpp.vip_network]) for h in xmpp.nodes[:2])
+    body = f"hello bob {uuid.uuid4().hex[:6]}"
+    out = chat(lab, xmpp, [a, b], message=body)
+    assert [l["status"] for l in out["logins"]] == ["ok", "ok"], out
+    assert out["received"] == [body]
+
+
+def test_an_unknown_ca_fails_the_login(lab, xmpp):
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the site CA")])
+    now = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now.replace(year=now.year + 1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    other = xmpp.folder / "other-ca.crt"
+    other.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out = chat(lab, xmpp, [xmpp.vip], ca=other)
+    assert out["logins"][0]["status"] != "ok", out
+
+
+def test_users_are_rows_in_postgresql(lab, xmpp):
+    users = lab.run(xmpp.primary, f"{PSQL} -d {postgres.DB} -c 'SELECT username FROM users'",
+                    check=True).stdout.split()
+    assert {"alice", "bob"} <= set(users)
+    # and the replica has them too
+    for replica in xmpp.replicas:
+        assert {"alice", "bob"} <= set(lab.run(replica, f"{PSQL} -d {postgres.DB} -c 'SELECT username FROM users'",
+                                               check=True).stdout.split())
+
+
+@pytest.mark.parametrize("args, error", [
+    (["mallory@example.org", "pw"], "is not served here"),
+    (["bad user", "pw"], "not a valid JID"),
+    (["carol", ""], "empty password refused"),
+    (["alice", "other"], "already registered"),
+])
+def test_bad_input_is_refused_and_changes_nothing(lab, xmpp, args, error):
+    before = lab.run(xmpp.primary, f"{PSQL} -d {postgres.DB} -c 'SELECT username, password FROM users ORDER BY 1'",
+                     check=True).stdout
+    out = lab.invoke("ejabberd.register-user", *args)
+    assert out.returncode == 1 and error in out.stdout + out.stderr, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    after = lab.run(xmpp.primary, f"{PSQL} -d {postgres.DB} -c 'SELECT username, password FROM users ORDER BY 1'",
+                    check=True).stdout
+    assert before == after
+
+
+def test_replica_task_refuses_a_host_outside_the_role(lab, xmpp):
+    out = lab.invoke("postgres.replica", xmpp.nodes[0])
+    assert out.returncode == 1 and "not role postgres_replica" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_cluster_status_shows_nodes_vip_and_sessions(lab, xmpp):
+    out = lab.invoke("ejabberd.cluster-status")
+    ok(out)
+    holder = vip_holders(lab, xmpp)
+    assert len(holder) == 1
+    assert f"holds the VIP {xmpp.vip}" in out.stdout
+    for host in xmpp.nodes:
+        assert f"{ejabberd.node_name(host)} running" in out.stdout
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+
+def test_vip_follows_ejabberd_and_the_node_rejoins(lab, xmpp):
+    holders = wait_for(lambda: vip_holders(lab, xmpp), 30, "a node to hold the VIP")
+    assert len(holders) == 1
+    down = holders[0]
+    lab.run(down, "systemctl stop ejabberd", check=True, timeout=120)
+    try:
+        moved = wait_for(lambda: [h for h in vip_holders(lab, xmpp) if h != down] if down not in
+                         vip_holders(lab, xmpp) else None, 30, f"the VIP to leave {down}")
+        assert len(moved) == 1
+        body = f"after failover {uuid.uuid4().hex[:6]}"
+        out = chat(lab, xmpp, [xmpp.vip, xmpp.vip], message=body)
+        assert [l["status"] for l in out["logins"]] == ["ok", "ok"], out
+        assert out["received"] == [body]
+    finally:
+        lab.run(down, "systemctl start ejabberd", timeout=150)
+        wait_started(lab, down)
+    want = {ejabberd.node_name(h) for h in xmpp.nodes}
+    for host in xmpp.nodes:
+        wait_for(lambda: cluster_of(lab, host) == want, 60, f"{host} to list the whole cluster")
+    wait_for(lambda: lab.run(down, "/usr/local/lib/hastack/check-ejabberd").returncode == 0, 30,
+             f"the health check on {down} to pass again")
+
+
+def test_ops_refuse_when_no_node_answers(lab, xmpp):
+    lab.run_all(xmpp.nodes, "systemctl stop ejabberd", timeout=120)
+    try:
+        out = lab.invoke("ejabberd.register-user", "dave", "pw-of-dave")
+        assert out.returncode == 1 and "no ejabberd node answers" in out.stdout + out.stderr, out.stdout
+    finally:
+        lab.run_all(xmpp.nodes, "systemctl start ejabberd", timeout=150)
+        for host in xmpp.nodes:
+            wait_started(lab, host)
+    users = lab.run(xmpp.primary, f"{PSQL} -d {postgres.DB} -c 'SELECT username FROM users'", check=True).stdout
+    assert "dave" not in users.split()
+    want = {ejabberd.node_name(h) for h in xmpp.nodes}
+    for host in xmpp.nodes:
+        wait_for(lambda: cluster_of(lab, host) == want, 60, f"{host} to list the whole cluster")
+    wait_for(lambda: len(vip_holders(lab, xmpp)) == 1, 30, "one node to hold the VIP again")
+
+
+# --- idempotence (last) --------------------------------------------------------------------------
+
+
+def test_second_deploy_changes_nothing(lab, xmpp):
+    # The system identifier says it is the same cluster; the postmaster's start
+    # time that it was neither rebuilt nor restarted.
+    ident = "SELECT system_identifier || ' ' || pg_postmaster_start_time() FROM pg_control_system()"
+    sysid = {r: lab.run(r, f'{PSQL} -c "{ident}"', check=True).stdout.strip() for r in xmpp.replicas}
+    clusters = {h: cluster_of(lab, h) for h in xmpp.nodes}
+    out = lab.invoke("deploy.xmpp")
+    ok(out)
+    _, changed, failed = recap(out)
+    assert (changed, failed) == (0, 0), out.stdout[-4000:]
+    assert "pg_basebackup" not in out.stdout and "join_cluster" not in out.stdout
+    for r in xmpp.replicas:
+        assert lab.run(r, f'{PSQL} -c "{ident}"', check=True).stdout.strip() == sysid[r]
+    assert {h: cluster_of(lab, h) for h in xmpp.nodes} == clusters
