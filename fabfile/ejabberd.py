@@ -294,7 +294,8 @@ def _answering(run: Run) -> HostSession:
         r = h.probe(f"{CTL} status")
         if r.ok:
             return h
-        tried.append(f"{host}: ejabberd not running ({(r.stdout or r.stderr).strip().splitlines()[-1:] or '?'})")
+        last = ((r.stdout or r.stderr).strip().splitlines() or ["no answer"])[-1]
+        tried.append(f"{host}: ejabberd not running ({last})")
     raise UserError("no ejabberd node answers, nothing was changed (" + "; ".join(tried or ["no ejabberd hosts"])
                     + ")")
 
