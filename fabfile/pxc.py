@@ -247,7 +247,7 @@ def sql_changes(inv: Inventory, state: str, password) -> list[tuple[str, str]]:
     wanted_hosts = {(a.user, h) for a in accounts(inv) for h in a.hosts}
     for (user, host) in sorted(users):
         if user in managed and (user, host) not in wanted_hosts:
-            out.append((f"DROP USER '{user}'@'{host}'", f"drop {user}@{host} (host no longer in the inventory)"))
+            out.append((f"DROP USER '{user}'@'{host}'", f"drop {user}@{host} (not a host this account may connect from)"))
     for a in accounts(inv):
         pw_hash = native_hash(password(a.secret))
         for host in a.hosts:
@@ -641,9 +641,16 @@ def converge(run: Run) -> None:
     run.step("pxc: cluster state", galera, read)
     form = formation([states[n] for n in galera])
     if run.check:
-        plan = (f"bootstrap a new cluster on {form.bootstrap}" if form.bootstrap else
-                f"Primary component on {form.primary}")
-        run.report.note(f"pxc: would {plan}; joiners: {', '.join(form.joiners) or 'none'}")
+        if form.bootstrap:
+            run.report.note(f"pxc: would bootstrap a new cluster on {form.bootstrap}, then join "
+                            f"{', '.join(form.joiners)} one by one, then create the databases and users")
+            return
+        if form.joiners:
+            run.report.note(f"pxc: would start {', '.join(form.joiners)} to join the Primary component")
+        stale = [n for n in galera if changed.get(n) and n not in form.joiners]
+        if stale:
+            run.report.note(f"pxc: would restart {', '.join(stale)} one at a time (config changed)")
+        run.step("pxc: databases and users", [form.primary], lambda h: _accounts(h))
         return
     if form.bootstrap:
         run.step("pxc: stop the packages' standalone servers",

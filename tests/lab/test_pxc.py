@@ -281,6 +281,25 @@ def test_mail_accounts_exist_host_limited(cluster):
     assert set(pxc.DATABASES) <= set(out.stdout.split())
 
 
+def test_account_drift_is_repaired(lab, cluster):
+    """A password changed by hand, an extra grant, an account open to '%': the
+    check run shows each, the deploy repairs them, the next run changes nothing."""
+    postfix = next(a for a in pxc.accounts(cluster.inv) if a.user == "postfix")
+    host = postfix.hosts[0]
+    cluster.sql(cluster.nodes[1], f"ALTER USER 'postfix'@'{host}' IDENTIFIED BY 'drifted-by-hand'; "
+                                  f"GRANT INSERT ON postfix.* TO 'postfix'@'{host}'; "
+                                  "CREATE USER 'roundcube'@'%' IDENTIFIED BY 'open-to-all'")
+    out = lab.invoke("pxc.deploy", "--check")
+    assert out.returncode == 0 and recap(out)[1] == 3, out.stdout[-3000:]
+    for what in (f"password of postfix@{host}", f"revoke INSERT on `postfix`.* from postfix@{host}",
+                 "drop roundcube@%"):
+        assert what in out.stdout, out.stdout[-3000:]
+    out = lab.invoke("pxc.deploy")
+    assert out.returncode == 0 and recap(out)[1] == 3, out.stdout[-3000:]
+    out = lab.invoke("pxc.deploy")
+    assert out.returncode == 0 and recap(out)[1] == 0, out.stdout[-3000:]
+
+
 def test_status_task(lab, cluster):
     out = lab.invoke("pxc.status")
     assert out.returncode == 0, out.stdout[-3000:]
