@@ -36,6 +36,7 @@ from invoke import Collection
 from . import pki, postgres
 from .base import service_address
 from .core import HostFailed, HostSession, Run, UserError, runbook
+from .core.templates import HEADER_MARK
 from .core.inventory import Inventory
 
 ROLE = "ejabberd"
@@ -196,6 +197,16 @@ def _packages(h: HostSession) -> None:
 def _configure(h: HostSession) -> bool:
     inv = h.inv
     changed = False
+    ours = h.probe(f"grep -qF '{HEADER_MARK}' {CTL_CONFIG}").ok
+    if not ours and h.probe("test -e /var/lib/ejabberd/schema.DAT").ok:
+        # ejabberd ran before we named the node (installed by hand): its mnesia
+        # schema belongs to another node name, and ejabberd@<host> would not start.
+        raise HostFailed(
+            "ejabberd already ran here under another node name (a mnesia schema is in /var/lib/ejabberd, "
+            f"{CTL_CONFIG} is not ours); nothing was changed. Rename the node with the documented sequence "
+            "(ejabberdctl backup, mnesia_change_nodename, install_fallback) or, if the node holds nothing "
+            "(users and data are in PostgreSQL), stop ejabberd, remove /var/lib/ejabberd/*.DAT *.LOG *.DCD "
+            "and deploy again")
     changed |= h.template("ejabberd/etc/default/ejabberd.j2", CTL_CONFIG, validate="sh -n {}")
     text = render_config(inv, h.name, h.run.secret)
     # Only against a running service: any ejabberdctl call starts an epmd of its own
