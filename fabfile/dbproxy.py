@@ -107,7 +107,19 @@ def converge(run: Run) -> None:
 def _haproxy(h: HostSession) -> None:
     h.packages(["haproxy"])
     changed = h.template("dbproxy/etc/haproxy/haproxy.cfg.j2", HAPROXY_CFG, validate="haproxy -c -q -f {}")
+    if _pacemaker_owns(h, "haproxy"):  # the cluster tier runs it on one node; systemd must not start it
+        if changed and h.probe("systemctl is-active -q haproxy").ok:
+            h.sh("systemctl reload haproxy", message="reload haproxy (Pacemaker runs it here)")
+        else:
+            h.ok("haproxy: Pacemaker owns it (cluster tier)")
+        return
     h.service("haproxy", reload=changed)
+
+
+def _pacemaker_owns(h: HostSession, resource: str) -> bool:
+    from .cluster import owned
+
+    return owned(h, resource)
 
 
 def proxysql_admin(statements) -> str:
@@ -125,7 +137,8 @@ def _proxysql(h: HostSession) -> None:
     h.packages(["proxysql"])
     changed = h.template("dbproxy/etc/proxysql.cnf.j2", PROXYSQL_CFG, group="proxysql", mode="0640")
     was_running = h.probe("systemctl is-active -q proxysql").ok
-    h.service("proxysql")
+    if not _pacemaker_owns(h, "proxysql"):
+        h.service("proxysql")
     if changed and was_running:
         admin = h.run.secret("proxysql_admin_password")
         h.sh(proxysql_admin(PROXYSQL_RELOAD), stdin=f"[client]\nuser=admin\npassword={admin}\n",

@@ -880,6 +880,8 @@ def lab_up(inv: Inventory, hosts: str | None = None, timeout: float = 180, state
             ensure_netns(plan, host)
             start_container(plan, host)
         states = wait_ready(plan, to_start, timeout) if to_start else {}
+        if ensure_fence_listener(plan):
+            _say(f"started the fence_lab power listener on {plan.bridge_interface.ip}")
     elapsed = time.monotonic() - t0
     degraded = sorted(h for h, s in states.items() if s == "degraded")
     msg = f"{len(running)} hosts already running, {len(to_start)} started"
@@ -921,7 +923,11 @@ def lab_down(inv: Inventory, purge: bool = False, disks: bool = False, state_dir
         for hierarchy in CGROUP_HIERARCHIES:
             with contextlib.suppress(OSError):
                 (CGROUP_ROOT / hierarchy / "hastack-lab").rmdir()
-        # 2. the apt proxy
+        # 2. the apt proxy and the fence listener
+        fence = _fence_pids(plan)
+        if fence:
+            _stop_pids(fence, grace=5)
+            done.append("fence listener")
         acng = _acng_pids(plan)
         if acng:
             _stop_pids(acng, grace=10)
@@ -975,6 +981,53 @@ def lab_down(inv: Inventory, purge: bool = False, disks: bool = False, state_dir
             if gone:
                 done.append("disks and cached root (" + ", ".join(str(p) for p in gone) + ")")
     return done
+
+
+# --- power control for the lab fence agent (fabfile/labfence.py) -----------
+
+
+def power_state(plan: Plan, host: str) -> str:
+    return "on" if running_pid(plan, host) else "off"
+
+
+def power_off(plan: Plan, host: str, timeout: float = 30) -> None:
+    """Pull the plug: SIGKILL every process of the container, no shutdown."""
+    pids = [int(p) for cg in _cgroup_dirs(plan, host) if cg.is_dir()
+            for f in cg.rglob("cgroup.procs") for p in f.read_text().split()]
+    _stop_pids(pids, grace=0)
+    deadline = time.monotonic() + timeout
+    while running_pid(plan, host) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _fence_pids(plan: Plan) -> list[int]:
+    return [pid for pid, argv in _processes()
+            if "fabfile.labfence" in argv and str(Path(plan.inv.path).resolve()) in argv]
+
+
+def ensure_fence_listener(plan: Plan) -> bool:
+    """The power listener fence_lab talks to, when the inventory fences with fence_lab."""
+    if plan.inv.mail is None or plan.inv.mail.fence_agent != "fence_lab" or _fence_pids(plan):
+        return False
+    from . import labfence
+    from .core.secrets import Secrets
+
+    Secrets(plan.inv.site_file("secrets.yml")).get(labfence.SECRET)
+    log = plan.dir / "fence-listener.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        subprocess.Popen(
+            [sys.executable, "-m", "fabfile.labfence", str(Path(plan.inv.path).resolve()), str(plan.state_dir)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]), close_fds=True,
+        )
+    address = (str(plan.bridge_interface.ip), labfence.PORT)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(address, timeout=0.5):
+            return True
+        time.sleep(0.2)
+    raise UserError(f"the fence listener did not start on {address[0]}:{address[1]}\n{_tail(log)}")
 
 
 def _find_any_nspawn(state_dir: Path) -> bool:
@@ -1082,3 +1135,21 @@ def ssh(c, host, command=None):
     code = subprocess.run(cmd).returncode
     if code:
         raise Exit(code=code)
+
+
+@task(help={"host": "the lab host", "action": "off (pull the plug), on (boot it), or status"})
+def power(c, host, action="status"):
+    """Power one lab host off (hard), on, or show its power state: what fence_lab does."""
+    inv = load_inventory(c)
+    plan = Plan(inv)
+    if host not in inv.hosts:
+        raise UserError(f"{inv.path}: no host {host} (hosts: {', '.join(inv.hosts)})")
+    if action == "off":
+        require_root("lab.power")
+        power_off(plan, host)
+    elif action == "on":
+        if power_state(plan, host) == "off":
+            lab_up(inv, hosts=host)
+    elif action != "status":
+        raise UserError(f"lab.power: action must be on, off or status, not {action!r}")
+    _say(f"{host}: {power_state(plan, host)}")

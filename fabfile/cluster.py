@@ -1,0 +1,574 @@
+"""Cluster tier (mail back ends): Pacemaker + Corosync with pcs on the
+`mail_backend` hosts, STONITH on, and the seed's resource tree built from the
+inventory.
+
+Resource tree (names are the contract with the mail and dbproxy tiers):
+
+- `mail.storage: drbd`: DrbdData (ocf:linbit:drbd, promotable clone
+  DrbdData-clone) -> group `mail` = DrbdFS (Filesystem) -> virtual_ip
+  (IPaddr2, the `mail` VIP) -> postfix -> dovecot; colocated with the
+  promoted DrbdData and ordered after its promotion.
+- `mail.storage: none` (the lab): group `mail` = virtual_ip -> postfix -> dovecot.
+- group `dbproxy` = dbproxy_ip (IPaddr2, the `dbproxy` VIP) -> haproxy | proxysql.
+
+A group is colocation + order in one: its members run on one node and start
+in order. postfix is `systemd:postfix@-` (Debian's postfix.service is a oneshot
+wrapper that reports active even when the daemon is dead), dovecot
+`systemd:dovecot`. Units Pacemaker owns are disabled in systemd; the tiers
+that configure them (mail, dbproxy) must not start or enable them when
+`owned(h, name)` says Pacemaker owns them. This tier installs postfix and
+dovecot-imapd itself (Debian defaults) so the tree exists before the mail tier
+configures them.
+
+Runbook:
+1. packages, the hacluster password (generated, `hacluster_password`), pcsd,
+   the fence agent (fence_lab and its config for the lab; fence-agents
+   otherwise);
+2. formation, once: Debian's default corosync.conf is removed with
+   `pcs cluster destroy` (pcs refuses to set up over it), `pcs host auth` from
+   the first node, `pcs cluster setup --start --enable`; then start/enable only
+   where a node is not;
+3. cluster properties and resource defaults (crm_attribute, only differences);
+4. units Pacemaker owns: stopped and disabled before their resource is first
+   created, kept disabled afterwards (never stopped again);
+5. resources, groups, constraints and the STONITH device: the CIB is read
+   (cibadmin --query) and compared with the desired tree; missing pieces are
+   created, differing parameters updated in place; nothing is deleted or
+   recreated (an agent that differs is an error for the operator).
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from invoke import Collection
+
+from .core import HostFailed, HostSession, Run, UserError, runbook
+from .core.inventory import Inventory
+from .core.secrets import token
+
+ROLE = "mail_backend"
+SECRET_HACLUSTER = "hacluster_password"
+PACKAGES = ["pacemaker", "pacemaker-cli-utils", "corosync", "pcs", "resource-agents"]
+MAIL_PACKAGES = ["postfix", "dovecot-imapd"]
+FENCE_LAB = "/usr/sbin/fence_lab"
+FENCE_LAB_CONF = "/etc/hastack/fence_lab.conf"
+FENCE_LAB_SOURCE = Path(__file__).resolve().parents[1] / "configs/cluster/usr/sbin/fence_lab"
+FENCE_LAB_PORT = 1229
+DRBD_RESOURCE = "mail"
+DRBD_DEVICE = "/dev/drbd0"
+MAIL_DIR = "/var/vmail"
+PROXY_UNITS = {"haproxy": "haproxy", "proxysql": "proxysql"}
+# Credentials the operator puts in the secrets store for the real fence agents.
+FENCE_SECRETS = {
+    "fence_virsh": ("fence_virsh_ip", "fence_virsh_username", "fence_virsh_password"),
+    "fence_vbox": ("fence_vbox_ip", "fence_vbox_username", "fence_vbox_password"),
+    "fence_ipmilan": (None, "fence_ipmilan_username", "fence_ipmilan_password"),
+}
+
+
+# --- the desired state -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Primitive:
+    id: str
+    agent: str  # class:provider:type or class:type, as pcs writes it
+    params: tuple[tuple[str, str], ...] = ()
+    ops: tuple[str, ...] = ("monitor interval=30s",)
+
+    @property
+    def unit(self) -> str | None:
+        return self.agent.split(":", 1)[1] if self.agent.startswith("systemd:") else None
+
+
+@dataclass
+class Tree:
+    primitives: list[Primitive] = field(default_factory=list)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    promotable: dict[str, str] = field(default_factory=dict)  # primitive id -> clone id
+    colocations: list[tuple[str, str, str]] = field(default_factory=list)  # rsc, with-rsc, with-role
+    orders: list[tuple[str, str, str, str]] = field(default_factory=list)  # first, action, then, action
+    stonith: list[Primitive] = field(default_factory=list)
+
+
+def nodes(inv: Inventory) -> list[str]:
+    return inv.with_role(ROLE)
+
+
+def cluster_name(inv: Inventory) -> str:
+    return f"{inv.site.name}-mail"[:32]
+
+
+def ring_address(inv: Inventory, host: str) -> str:
+    """Corosync's address of a node: on the mail VIP's network, else its service address."""
+    vip = inv.vips.get("mail")
+    addrs = inv.hosts[host].addresses
+    if vip is not None and vip.network in addrs:
+        return str(addrs[vip.network])
+    from .base import service_address
+
+    return service_address(inv, host)
+
+
+def _ipaddr2(inv: Inventory, vip_name: str, rid: str) -> Primitive:
+    vip = inv.vips[vip_name]
+    prefix = inv.networks[vip.network].cidr.prefixlen
+    return Primitive(rid, "ocf:heartbeat:IPaddr2", (("ip", str(vip.address)), ("cidr_netmask", str(prefix))))
+
+
+def proxy_kind(inv: Inventory) -> str:
+    return inv.mail.db_proxy if inv.mail else "haproxy"
+
+
+def desired_tree(inv: Inventory, secret=None) -> Tree:
+    t = Tree()
+    if inv.mail is None or "mail" not in inv.vips:
+        return t
+    mail_group: list[str] = []
+    if inv.mail.storage == "drbd":
+        t.primitives.append(Primitive(
+            "DrbdData", "ocf:linbit:drbd", (("drbd_resource", DRBD_RESOURCE),),
+            ("monitor interval=29s role=Promoted", "monitor interval=31s role=Unpromoted"),
+        ))
+        t.promotable["DrbdData"] = "DrbdData-clone"
+        t.primitives.append(Primitive(
+            "DrbdFS", "ocf:heartbeat:Filesystem",
+            (("device", DRBD_DEVICE), ("directory", MAIL_DIR), ("fstype", "ext4")),
+        ))
+        mail_group.append("DrbdFS")
+        t.colocations.append(("mail", "DrbdData-clone", "Promoted"))
+        t.orders.append(("DrbdData-clone", "promote", "mail", "start"))
+    t.primitives.append(_ipaddr2(inv, "mail", "virtual_ip"))
+    t.primitives.append(Primitive("postfix", "systemd:postfix@-"))
+    t.primitives.append(Primitive("dovecot", "systemd:dovecot"))
+    mail_group += ["virtual_ip", "postfix", "dovecot"]
+    t.groups["mail"] = mail_group
+    if "dbproxy" in inv.vips:
+        kind = proxy_kind(inv)
+        t.primitives.append(_ipaddr2(inv, "dbproxy", "dbproxy_ip"))
+        t.primitives.append(Primitive(kind, f"systemd:{PROXY_UNITS[kind]}"))
+        t.groups["dbproxy"] = ["dbproxy_ip", kind]
+    t.stonith = fence_devices(inv, secret)
+    return t
+
+
+def fence_devices(inv: Inventory, secret=None) -> list[Primitive]:
+    """The STONITH devices for the inventory's fence agent; credentials from the secrets store."""
+    agent = inv.mail.fence_agent if inv.mail else "none"
+    members = nodes(inv)
+    if agent == "none" or not members:
+        return []
+    if agent == "fence_lab":
+        # Address, port and secret are in /etc/hastack/fence_lab.conf on every node.
+        return [Primitive("fence_lab", "stonith:fence_lab", (("pcmk_host_list", ",".join(members)),),
+                          ("monitor interval=60s",))]
+    ip_name, user_name, pass_name = FENCE_SECRETS[agent]
+    hint = f"the {agent} credentials for the cluster nodes; put them in the secrets file"
+    req = secret or (lambda n, h="": (_ for _ in ()).throw(UserError(f"missing secret '{n}' ({h})")))
+    user, password = req(user_name, hint), req(pass_name, hint)
+    if agent == "fence_ipmilan":
+        return [Primitive(f"fence_{n}", "stonith:fence_ipmilan",
+                          (("ip", req(f"fence_ipmilan_ip_{n}", f"the BMC address of {n}")), ("username", user),
+                           ("password", password), ("lanplus", "1"), ("pcmk_host_list", n)),
+                          ("monitor interval=60s",)) for n in members]
+    params = (("ip", req(ip_name, hint)), ("username", user), ("password", password),
+              ("pcmk_host_list", ",".join(members)))
+    if agent == "fence_virsh":
+        params += (("secure", "1"),)
+    return [Primitive(agent, f"stonith:{agent}", params, ("monitor interval=60s",))]
+
+
+def desired_properties(inv: Inventory) -> dict[str, dict[str, str]]:
+    """crm_attribute --type -> {name: value}."""
+    fence = inv.mail.fence_agent if inv.mail else "none"
+    props = {
+        "stonith-enabled": "true" if fence != "none" else "false",
+        # A fenced node stays off until someone looks at it (no fence loops).
+        "stonith-action": "off",
+        "no-quorum-policy": "stop",
+    }
+    return {"crm_config": props, "rsc_defaults": {"resource-stickiness": "100"}}
+
+
+# --- the actual state (the CIB) ----------------------------------------------
+
+
+@dataclass
+class Actual:
+    primitives: dict[str, Primitive] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    clones: dict[str, str] = field(default_factory=dict)  # primitive id -> clone id
+    colocations: set[tuple[str, str, str]] = field(default_factory=set)
+    orders: set[tuple[str, str, str, str]] = field(default_factory=set)
+    properties: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+ROLE_NAMES = {"Master": "Promoted", "Slave": "Unpromoted"}
+
+
+def _agent(prim: ET.Element) -> str:
+    cls, prov, typ = prim.get("class"), prim.get("provider"), prim.get("type")
+    return f"{cls}:{prov}:{typ}" if prov else f"{cls}:{typ}"
+
+
+def _params(prim: ET.Element) -> tuple[tuple[str, str], ...]:
+    return tuple((nv.get("name"), nv.get("value")) for ia in prim.findall("instance_attributes")
+                 for nv in ia.findall("nvpair"))
+
+
+def parse_cib(xml: str) -> Actual:
+    root = ET.fromstring(xml)
+    a = Actual()
+    for prim in root.iter("primitive"):
+        a.primitives[prim.get("id")] = Primitive(prim.get("id"), _agent(prim), _params(prim), ())
+    for group in root.iter("group"):
+        a.groups[group.get("id")] = [p.get("id") for p in group.findall("primitive")]
+    for clone in root.iter("clone"):
+        for prim in clone.findall("primitive"):
+            a.clones[prim.get("id")] = clone.get("id")
+    for col in root.iter("rsc_colocation"):
+        role = col.get("with-rsc-role") or ""
+        a.colocations.add((col.get("rsc"), col.get("with-rsc"), ROLE_NAMES.get(role, role)))
+    for order in root.iter("rsc_order"):
+        a.orders.add((order.get("first"), order.get("first-action") or "start",
+                      order.get("then"), order.get("then-action") or "start"))
+    for section, tag in (("crm_config", "crm_config"), ("rsc_defaults", "rsc_defaults")):
+        values: dict[str, str] = {}
+        for el in root.iter(tag):
+            for nv in el.iter("nvpair"):
+                values[nv.get("name")] = nv.get("value")
+        a.properties[section] = values
+    return a
+
+
+def _create(p: Primitive, tail: list[str], stonith: bool = False) -> str:
+    words = ["pcs", "stonith" if stonith else "resource", "create", p.id,
+             p.agent.split(":", 1)[1] if stonith else p.agent]
+    words += [f"{k}={v}" for k, v in p.params]
+    for op in p.ops:
+        words += ["op", *op.split()]
+    return " ".join(shlex.quote(w) for w in words + tail)
+
+
+def plan_changes(tree: Tree, actual: Actual, props: dict[str, dict[str, str]], n_nodes: int
+                 ) -> list[tuple[str, str]]:
+    """(command, message) pairs that bring the CIB to ``tree``; empty when converged.
+    Never deletes: a primitive of another agent is an error for the operator."""
+    todo: list[tuple[str, str]] = []
+    for section, values in props.items():
+        for name, value in values.items():
+            if actual.properties.get(section, {}).get(name) != value:
+                todo.append((f"crm_attribute --type {section} --name {name} --update {shlex.quote(value)}",
+                             f"{section} {name}={value}"))
+    member_of = {m: g for g, ms in tree.groups.items() for m in ms}
+    for p in [*tree.primitives, *tree.stonith]:
+        stonith = p in tree.stonith
+        have = actual.primitives.get(p.id)
+        if have is not None:
+            if have.agent != p.agent:
+                raise UserError(f"resource {p.id} is {have.agent} in the CIB, the inventory wants {p.agent}; "
+                                "refusing to delete and recreate it (change it by hand: pcs resource delete)")
+            current = dict(have.params)
+            diff = [(k, v) for k, v in p.params if current.get(k) != v]
+            if diff:
+                sub = "stonith" if stonith else "resource"
+                todo.append((" ".join(["pcs", sub, "update", p.id, *(shlex.quote(f"{k}={v}") for k, v in diff)]),
+                             f"update {p.id}: " + ", ".join(k for k, _ in diff)))
+            group = member_of.get(p.id)
+            if group and p.id not in actual.groups.get(group, []):
+                todo.append((f"pcs resource group add {group} {p.id}", f"{p.id} joins group {group}"))
+            continue
+        tail: list[str] = []
+        if p.id in tree.promotable:
+            tail = ["promotable", "promoted-max=1", "promoted-node-max=1", f"clone-max={min(n_nodes, 2)}",
+                    "clone-node-max=1", "notify=true"]
+        group = member_of.get(p.id)
+        if group:
+            tail += ["--group", group]
+            members = tree.groups[group]
+            earlier = [m for m in members[:members.index(p.id)] if m in actual.primitives]
+            later = [m for m in members[members.index(p.id) + 1:] if m in actual.groups.get(group, [])]
+            if later and not earlier:
+                tail += ["--before", later[0]]
+            elif earlier and later:
+                tail += ["--after", earlier[-1]]
+        todo.append((_create(p, tail, stonith), f"create {'stonith device' if stonith else 'resource'} {p.id}"
+                     + (f" in group {group}" if group else "")))
+        actual.primitives[p.id] = p  # later members are placed after it
+        if group:
+            actual.groups.setdefault(group, []).append(p.id)
+    for rsc, with_rsc, role in tree.colocations:
+        if (rsc, with_rsc, role) not in actual.colocations:
+            todo.append((f"pcs constraint colocation add {rsc} with {role} {with_rsc} INFINITY",
+                         f"colocation {rsc} with {role} {with_rsc}"))
+    for first, fa, then, ta in tree.orders:
+        if (first, fa, then, ta) not in actual.orders:
+            todo.append((f"pcs constraint order {fa} {first} then {ta} {then}", f"order {fa} {first} then {ta} {then}"))
+    return todo
+
+
+def owned(h: HostSession, resource: str) -> bool:
+    """Whether Pacemaker owns ``resource`` on this host's cluster (other tiers must
+    then leave its systemd unit alone: no enable, no start)."""
+    return h.probe(f"crm_resource --resource {shlex.quote(resource)} --query-xml").ok
+
+
+# --- the runbook -------------------------------------------------------------
+
+
+def converge(run: Run) -> None:
+    inv = run.inv
+    if inv.mail is None:
+        run.report.note("cluster: the inventory has no mail cluster, skipped")
+        return
+    members = nodes(inv)
+    if len(members) < 2:
+        raise UserError(f"{inv.path}: a cluster needs at least two hosts with role {ROLE}")
+    hosts = [h for h in members if h in run.hosts()]
+    if hosts != members:
+        raise UserError("cluster: the cluster tier works on all its nodes at once; do not narrow it with --hosts "
+                        f"(nodes: {', '.join(members)})")
+    run.secrets.get(SECRET_HACLUSTER, lambda: token(32))
+    tree = desired_tree(inv, run.secrets.require)  # fails early on missing fence credentials
+    first = members[0]
+    run.step("cluster: packages, hacluster, pcsd, fence agent", hosts, _node)
+    state: dict[str, dict] = {}
+    run.step("cluster: corosync configuration", hosts, lambda h: _probe_node(h, state))
+    run.step("cluster: formation", [first], lambda h: _form(h, state))
+    cib: dict[str, Actual] = {}
+    run.step("cluster: properties", [first], lambda h: _properties(h, cib))
+    run.step("cluster: units Pacemaker owns", hosts, lambda h: _owned_units(h, tree, cib[first]))
+    run.step("cluster: resources, constraints, STONITH", [first], lambda h: _resources(h, tree, cib[first]))
+
+
+def _node(h: HostSession) -> None:
+    inv = h.inv
+    h.packages(PACKAGES)
+    mail_domain = inv.mail.domain if inv.mail else inv.site.domain
+    if h.probe("dpkg-query -W -f='${db:Status-Status}' postfix | grep -qx installed").ok:
+        h.ok("postfix installed")
+    else:
+        h.sh("debconf-set-selections", stdin=f"postfix postfix/main_mailer_type select Internet Site\n"
+             f"postfix postfix/mailname string {mail_domain}\n", message="preseed postfix (Internet Site)")
+    h.packages(MAIL_PACKAGES)
+    password = h.run.secret(SECRET_HACLUSTER)
+    check = ("python3 -W ignore -c 'import crypt,subprocess,sys; "
+             "s=subprocess.run([\"getent\",\"shadow\",\"hacluster\"],capture_output=True,text=True).stdout.split(\":\"); "
+             "p=sys.stdin.read(); sys.exit(0 if len(s)>1 and len(s[1])>3 and crypt.crypt(p,s[1])==s[1] else 1)'")
+    if h.probe(check, stdin=password).ok:
+        h.ok("hacluster has the generated password")
+    else:
+        h.sh("chpasswd", stdin=f"hacluster:{password}\n", message="hacluster: set the generated password")
+    h.service("pcsd")
+    agent = inv.mail.fence_agent
+    if agent == "fence_lab":
+        h.put(FENCE_LAB_SOURCE.read_text(), FENCE_LAB, mode="0755")
+        h.directory("/etc/hastack", mode="0755")
+        h.put(fence_lab_conf(inv, h.run.secret), FENCE_LAB_CONF, mode="0600")
+    elif agent != "none":
+        h.packages(["fence-agents"])
+
+
+def fence_lab_conf(inv: Inventory, secret) -> str:
+    mgmt = inv.networks[inv.management_network].cidr
+    machine = next(mgmt.hosts())  # the lab machine: the bridge's first address
+    return ("# Managed by hastack (fabfile/cluster.py): local edits are overwritten on the next deploy.\n"
+            "# The lab machine's power listener (fabfile/labfence.py) and its shared secret.\n"
+            f"ip={machine}\nipport={FENCE_LAB_PORT}\npassword={secret('fence_lab_secret')}\n")
+
+
+def is_standalone_default(conf: str, ours: list[str]) -> bool:
+    """Debian's default corosync.conf (cluster `debian`, one node on 127.0.0.1),
+    or any config naming none of our nodes: nothing of this cluster to lose."""
+    import re
+
+    names = set(re.findall(r"^\s*(?:name|ring\d+_addr)\s*:\s*(\S+)", conf, re.M))
+    return not names & set(ours)
+
+
+def _probe_node(h: HostSession, state: dict) -> None:
+    name = cluster_name(h.inv)
+    conf = h.probe("cat /etc/corosync/corosync.conf")
+    ours = conf.ok and f"cluster_name: {name}" in conf.stdout
+    if conf.ok and not ours and not is_standalone_default(conf.stdout, [*nodes(h.inv), *map(
+            lambda n: ring_address(h.inv, n), nodes(h.inv))]):
+        raise HostFailed("corosync.conf here names this cluster's nodes under another cluster name; "
+                         "refusing to touch it (remove it with `pcs cluster destroy` if it is stale)")
+    if conf.ok and not ours:
+        # Debian's default corosync.conf: pcs refuses to set up (or save auth tokens) over it.
+        h.sh("pcs cluster destroy",
+             message="remove Debian's default corosync.conf (pcs cluster destroy)")
+    state[h.name] = {
+        "formed": ours,
+        "running": all(h.probe(f"systemctl is-active -q {u}").ok for u in ("corosync", "pacemaker")),
+        "enabled": all(h.probe(f"systemctl is-enabled -q {u}").ok for u in ("corosync", "pacemaker")),
+    }
+    h.ok(f"corosync: {'cluster ' + name if ours else 'not formed'}, "
+         f"{'running' if state[h.name]['running'] else 'stopped'}, "
+         f"{'enabled' if state[h.name]['enabled'] else 'not enabled'}")
+
+
+def _form(h: HostSession, state: dict) -> None:
+    inv = h.inv
+    members = nodes(inv)
+    formed = [n for n in members if state[n]["formed"]]
+    if formed and len(formed) != len(members):
+        raise HostFailed(f"the cluster exists on {', '.join(formed)} but not on "
+                         f"{', '.join(n for n in members if n not in formed)}; add those with `pcs cluster node add`")
+    password = h.run.secret(SECRET_HACLUSTER)
+    if not formed:
+        auth = h.probe("pcs status pcsd " + " ".join(members))
+        if auth.ok and auth.stdout.count("Online") == len(members):
+            h.ok("pcs: every node authenticated")
+        else:
+            h.sh("pcs host auth " + " ".join(f"{n} addr={ring_address(inv, n)}" for n in members)
+                 + " -u hacluster -p \"$(cat)\"", stdin=password, message="pcs host auth (all nodes)")
+        h.sh(f"pcs cluster setup {cluster_name(inv)} "
+             + " ".join(f"{n} addr={ring_address(inv, n)}" for n in members)
+             + " --start --enable --wait=180", message=f"pcs cluster setup {cluster_name(inv)} (start, enable)",
+             timeout=300)
+        return
+    h.ok(f"cluster {cluster_name(inv)} formed on every node")
+    stopped = [n for n in members if not state[n]["running"]]
+    if stopped:
+        h.sh("pcs cluster start --wait=180 " + " ".join(stopped), message=f"start the cluster on {', '.join(stopped)}",
+             timeout=300)
+    disabled = [n for n in members if not state[n]["enabled"]]
+    if disabled:
+        h.sh("pcs cluster enable " + " ".join(disabled), message=f"enable the cluster on {', '.join(disabled)}")
+
+
+def _read_cib(h: HostSession) -> Actual:
+    deadline = time.monotonic() + (0 if h.run.check else 120)
+    while True:
+        r = h.probe("cibadmin --query --scope configuration")
+        if r.ok:
+            return parse_cib(r.stdout)
+        if time.monotonic() > deadline:
+            if h.run.check:
+                return Actual()
+            raise HostFailed(f"the CIB cannot be read: {(r.stderr or r.stdout).strip()}")
+        time.sleep(2)
+
+
+def _properties(h: HostSession, cib: dict) -> None:
+    actual = _read_cib(h)
+    cib[h.name] = actual
+    todo = [(c, m) for c, m in plan_changes(Tree(), actual, desired_properties(h.inv), 0)]
+    for cmd, msg in todo:
+        h.sh(cmd, message=msg)
+    if not todo:
+        h.ok("cluster properties and resource defaults as wanted")
+
+
+def _owned_units(h: HostSession, tree: Tree, actual: Actual) -> None:
+    for p in tree.primitives:
+        if not p.unit:
+            continue
+        unit = shlex.quote(p.unit)
+        if p.id not in actual.primitives:
+            # Not yet a resource: stop it everywhere so Pacemaker finds it inactive.
+            if (h.probe(f"systemctl is-enabled {unit}").stdout.strip() == "enabled"
+                    or h.probe(f"systemctl is-active -q {unit}").ok):
+                h.sh(f"systemctl disable --now {unit}", message=f"{p.unit}: stopped and disabled (Pacemaker's now)")
+            else:
+                h.ok(f"{p.unit}: stopped and disabled")
+        elif h.probe(f"systemctl is-enabled {unit}").stdout.strip() == "enabled":
+            h.sh(f"systemctl disable {unit}", message=f"{p.unit}: disabled in systemd (Pacemaker owns it)")
+        else:
+            h.ok(f"{p.unit}: disabled in systemd, Pacemaker owns it")
+    if h.probe("systemctl is-enabled postfix").stdout.strip() == "enabled":  # the wrapper would start postfix@- at boot
+        h.sh("systemctl disable postfix", message="postfix.service: disabled (Pacemaker owns postfix@-)")
+
+
+def _resources(h: HostSession, tree: Tree, actual: Actual) -> None:
+    todo = plan_changes(tree, actual, {}, len(nodes(h.inv)))
+    for cmd, msg in todo:
+        h.sh(cmd, message=msg)
+    if not todo:
+        h.ok(f"{len(tree.primitives)} resources, {len(tree.stonith)} STONITH device(s), constraints as wanted")
+
+
+# --- tasks -------------------------------------------------------------------
+
+
+@runbook(default=True)
+def deploy(run):
+    """Converge Pacemaker/Corosync, STONITH and the mail resource tree on the mail back ends."""
+    converge(run)
+
+
+def _online_node(run: Run) -> str:
+    for n in nodes(run.inv):
+        try:
+            run.session(n).open()
+        except UserError:
+            continue
+        if run.session(n).probe("crm_mon -1 >/dev/null").ok:
+            return n
+    raise UserError("no cluster node answers (crm_mon failed on every node)")
+
+
+@runbook
+def status(run):
+    """Show the cluster: nodes, resources and where they run (crm_mon -1)."""
+    node = _online_node(run)
+
+    def one(h: HostSession) -> None:
+        out = h.read("crm_mon -1 --include=nodes,resources,failures")
+        run.report.console.print(out)
+        h.ok("crm_mon -1")
+
+    run.step("cluster: status", [node], one)
+
+
+def online_nodes(crm_mon_xml: str) -> list[str]:
+    root = ET.fromstring(crm_mon_xml)
+    return [n.get("name") for n in root.iter("node")
+            if n.get("online") == "true" and n.get("standby") != "true" and n.get("type", "member") == "member"]
+
+
+def _standby(run: Run, node: str, on: bool) -> None:
+    members = nodes(run.inv)
+    if node not in members:
+        raise UserError(f"{node} is not a cluster node (role {ROLE}: {', '.join(members)})")
+    via = _online_node(run)
+
+    def one(h: HostSession) -> None:
+        online = online_nodes(h.read("crm_mon -1 --output-as=xml"))
+        if on:
+            if node not in online:
+                h.ok(f"{node} is already in standby or offline")
+                return
+            if online == [node]:
+                raise HostFailed(f"{node} is the last online node; refusing to put it in standby")
+            h.sh(f"pcs node standby {node} --wait=120", message=f"{node}: standby (its resources move)",
+                 timeout=180)
+        else:
+            standby = h.probe(f"crm_attribute --node {node} --name standby --query --quiet").stdout.strip()
+            if standby not in ("on", "true", "1", "yes"):
+                h.ok(f"{node} is not in standby")
+                return
+            h.sh(f"pcs node unstandby {node} --wait=120", message=f"{node}: back from standby", timeout=180)
+
+    run.step(f"cluster: {'standby' if on else 'unstandby'} {node}", [via], one)
+
+
+@runbook(help={"node": "the cluster node to put in standby (its resources move away)"})
+def standby(run, node):
+    """Put a node in standby: its resources move to the other nodes (refused for the last online node)."""
+    _standby(run, node, True)
+
+
+@runbook(help={"node": "the cluster node to take out of standby"})
+def unstandby(run, node):
+    """Take a node out of standby (resources stay where they run: stickiness)."""
+    _standby(run, node, False)
+
+
+ns = Collection("cluster", deploy, status, standby, unstandby)
