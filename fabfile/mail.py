@@ -88,8 +88,8 @@ SECRETS = {
 # does not recognise.
 PK_TABLES = ("domain_admins", "log")
 UPGRADE_COPY = "/var/lib/hastack/postfixadmin-upgrade.php"
-_CREATE_RE = re.compile(r"""(CREATE TABLE \{IF_NOT_EXISTS\} " \. table_by_key\('(%s)'\) \. " \()\n"""
-                        % "|".join(PK_TABLES))
+_CREATE_RE = re.compile(r"""(CREATE TABLE \{IF_NOT_EXISTS\} " \. table_by_key\('(""" + "|".join(PK_TABLES)
+                        + r""")'\) \. " \()\n""")
 
 
 def patch_upgrade(php: str) -> str:
