@@ -212,7 +212,43 @@ SELECT CONCAT('user ', user, ' ', host, ' ', plugin, ' ', authentication_string)
 SELECT CONCAT('db ', SCHEMA_NAME) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME IN ({dbs});
 SELECT CONCAT('grant ', GRANTEE, ' ', TABLE_SCHEMA, ' ', PRIVILEGE_TYPE) FROM information_schema.SCHEMA_PRIVILEGES;
 SELECT CONCAT('grant ', GRANTEE, ' * ', PRIVILEGE_TYPE) FROM information_schema.USER_PRIVILEGES WHERE PRIVILEGE_TYPE <> 'USAGE';
+SELECT CONCAT('table ', TABLE_SCHEMA, ' ', TABLE_NAME) FROM information_schema.TABLES WHERE TABLE_SCHEMA IN ({dbs});
 """
+
+
+# Postfixadmin's upgrade.php creates `domain_admins` and `log` without a
+# primary key (upgrade_1) and adds their `id` keys only later (upgrade_1837,
+# upgrade_1839). In between, Percona's pxc_strict_mode=ENFORCING refuses DML on
+# them (the seed's "prohibits use of DML command on a table (postfix.log)
+# without an explicit primary key") and MariaDB's wsrep_mode=REQUIRED_PRIMARY_KEY
+# refuses the CREATE itself. Instead of switching the mode off, the tier
+# creates both tables up front in the shape upgrade.php leaves them in, id key
+# included: its CREATE TABLE IF NOT EXISTS is then skipped and its
+# _db_add_field('...', 'id') finds the column there. Every other Postfixadmin
+# and Roundcube table is created with a primary key by the application itself.
+PRECREATED_TABLES = {
+    ("postfix", "domain_admins"): """\
+CREATE TABLE IF NOT EXISTS `postfix`.`domain_admins` (
+  `username` varchar(255) NOT NULL default '',
+  `domain` varchar(255) NOT NULL default '',
+  `created` datetime NOT NULL default '2000-01-01 00:00:00',
+  `active` tinyint(1) NOT NULL default '1',
+  `id` int(11) NOT NULL AUTO_INCREMENT,
+  PRIMARY KEY (`id`),
+  KEY username (`username`)
+) ENGINE=InnoDB CHARACTER SET latin1 COLLATE latin1_general_ci COMMENT='Postfix Admin - Domain Admins'""",
+    ("postfix", "log"): """\
+CREATE TABLE IF NOT EXISTS `postfix`.`log` (
+  `timestamp` datetime NOT NULL default '2000-01-01 00:00:00',
+  `username` varchar(255) NOT NULL default '',
+  `domain` varchar(255) NOT NULL default '',
+  `action` varchar(255) NOT NULL default '',
+  `data` varchar(255) NOT NULL default '',
+  `id` int(11) NOT NULL AUTO_INCREMENT,
+  PRIMARY KEY (`id`),
+  KEY timestamp (`timestamp`)
+) ENGINE=InnoDB CHARACTER SET latin1 COLLATE latin1_general_ci COMMENT='Postfix Admin - Log'""",
+}
 
 
 def state_sql(inv: Inventory) -> str:
@@ -227,6 +263,7 @@ def sql_changes(inv: Inventory, state: str, password) -> list[tuple[str, str]]:
     flav = flavour(inv)
     users: dict[tuple[str, str], tuple[str, str]] = {}
     dbs: set[str] = set()
+    tables: set[tuple[str, str]] = set()
     grants: set[tuple[str, str, str]] = set()
     for line in state.splitlines():
         parts = line.split(" ")
@@ -234,6 +271,8 @@ def sql_changes(inv: Inventory, state: str, password) -> list[tuple[str, str]]:
             users[(parts[1], parts[2])] = (parts[3], parts[4] if len(parts) > 4 else "")
         elif parts[0] == "db" and len(parts) == 2:
             dbs.add(parts[1])
+        elif parts[0] == "table" and len(parts) == 3:
+            tables.add((parts[1], parts[2]))
         elif parts[0] == "grant" and len(parts) >= 4:
             m = re.fullmatch(r"'(.*)'@'(.*)'", parts[1])
             if m:
@@ -243,6 +282,9 @@ def sql_changes(inv: Inventory, state: str, password) -> list[tuple[str, str]]:
         if db not in dbs:
             out.append((f"CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
                         f"database {db}"))
+    for (db, table), create in PRECREATED_TABLES.items():
+        if (db, table) not in tables:
+            out.append((create, f"table {db}.{table} with its primary key (pxc_strict_mode)"))
     managed = {a.user for a in accounts(inv)}
     wanted_hosts = {(a.user, h) for a in accounts(inv) for h in a.hosts}
     for (user, host) in sorted(users):

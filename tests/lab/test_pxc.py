@@ -273,6 +273,20 @@ def test_table_without_primary_key_is_refused(cluster):
     assert out.returncode != 0, "MyISAM tables are not replicated by Galera and must be refused"
 
 
+def test_postfixadmin_tables_take_dml_under_strict_mode(lab, cluster):
+    """The tables Postfixadmin creates without a primary key exist with one, so
+    its log writes are accepted (the seed's pxc_strict_mode error)."""
+    for table in ("log", "domain_admins"):
+        ddl = cluster.sql(cluster.nodes[0], f"SHOW CREATE TABLE postfix.{table}").stdout
+        assert "PRIMARY KEY (`id`)" in ddl, ddl
+    cluster.sql(cluster.nodes[1], "INSERT INTO postfix.log (username, domain, action, data) "
+                                  "VALUES ('lab', 'lab.test', 'lab_test', 'strict mode'); "
+                                  "DELETE FROM postfix.log WHERE action = 'lab_test'")
+    out = lab.invoke("pxc.status")
+    assert "tables without a primary key (refused by pxc_strict_mode / wsrep_mode): none" in out.stdout, \
+        out.stdout[-2000:]
+
+
 def test_mail_accounts_exist_host_limited(cluster):
     for account in pxc.accounts(cluster.inv):
         out = cluster.sql(cluster.nodes[-1], f"SELECT host FROM mysql.user WHERE user='{account.user}'")

@@ -296,6 +296,7 @@ def test_accounts_are_host_limited():
 
 def _converged_state(inv, password) -> str:
     lines = [f"db {d}" for d in pxc.DATABASES]
+    lines += [f"table {db} {t}" for db, t in pxc.PRECREATED_TABLES]
     for a in pxc.accounts(inv):
         for host in a.hosts:
             lines.append(f"user {a.user} {host} mysql_native_password {pxc.native_hash(password(a.secret))}")
@@ -321,6 +322,17 @@ def test_sql_changes_from_nothing(secrets):
     # No plaintext password in any statement.
     for name in ("mail_db_postfix", "mail_db_roundcube", "pxc_sst_password", "pxc_monitor_password"):
         assert not any(secrets.get(name) in s for s in stmts)
+
+
+def test_postfixadmin_tables_without_early_primary_key_are_precreated(secrets):
+    stmts = [s for s, _ in pxc.sql_changes(LAB, "", secrets.get)]
+    for table in ("domain_admins", "log"):
+        (create,) = [s for s in stmts if s.startswith(f"CREATE TABLE IF NOT EXISTS `postfix`.`{table}`")]
+        assert "`id` int(11) NOT NULL AUTO_INCREMENT" in create and "PRIMARY KEY (`id`)" in create
+        assert "ENGINE=InnoDB" in create
+    # Already there (in whatever shape Postfixadmin left it): left alone.
+    state = "table postfix log\ntable postfix domain_admins\n"
+    assert not any(s.startswith("CREATE TABLE") for s, _ in pxc.sql_changes(LAB, state, secrets.get))
 
 
 def test_percona_statements_use_native_password_plugin(secrets):
