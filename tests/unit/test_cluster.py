@@ -1,0 +1,281 @@
+"""Cluster tier decisions over canned evidence: the desired resource tree from
+each inventory, the CIB parsed, the commands a difference needs (none when
+converged, never a delete), Debian's default corosync.conf recognised, the
+standby guard's view of crm_mon, and the fence_lab agent's protocol."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import io
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from fabfile import cluster, labfence
+from fabfile.core import UserError
+from fabfile.core.inventory import load
+from fabfile.core.secrets import Secrets
+from fabfile.core.tasks import PROJECT_ROOT
+from tests.unit.shipped import INVENTORIES
+
+LAB = load(PROJECT_ROOT / "inventory/lab.yml")
+CIB = (Path(__file__).parent / "cluster_cib.xml").read_text()  # captured from a converged lab cluster
+
+
+def _with_mail(inv, **changes):
+    return inv.model_copy(update={"mail": inv.mail.model_copy(update=changes)})
+
+
+def _load_agent():
+    path = PROJECT_ROOT / "configs/cluster/usr/sbin/fence_lab"
+    loader = importlib.machinery.SourceFileLoader("fence_lab_agent", str(path))
+    spec = importlib.util.spec_from_loader("fence_lab_agent", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+AGENT = _load_agent()
+
+
+# --- the tree ----------------------------------------------------------------
+
+
+def test_lab_tree_without_storage():
+    t = cluster.desired_tree(LAB)
+    assert t.groups == {"mail": ["virtual_ip", "postfix", "dovecot"], "dbproxy": ["dbproxy_ip", "haproxy"]}
+    ids = {p.id: p for p in t.primitives}
+    assert ids["virtual_ip"].params == (("ip", "10.200.11.110"), ("cidr_netmask", "24"))
+    assert ids["postfix"].agent == "systemd:postfix@-" and ids["postfix"].unit == "postfix@-"
+    assert ids["haproxy"].agent == "systemd:haproxy"
+    assert not t.promotable and not t.colocations and not t.orders
+    assert [s.agent for s in t.stonith] == ["stonith:fence_lab"]
+    assert dict(t.stonith[0].params)["pcmk_host_list"] == "postfix01,postfix02,postfix03"
+
+
+def test_drbd_tree_puts_storage_under_the_group():
+    t = cluster.desired_tree(_with_mail(LAB, storage="drbd", db_proxy="proxysql"))
+    assert t.groups["mail"] == ["DrbdFS", "virtual_ip", "postfix", "dovecot"]
+    assert t.groups["dbproxy"] == ["dbproxy_ip", "proxysql"]
+    assert t.promotable == {"DrbdData": "DrbdData-clone"}
+    assert t.colocations == [("mail", "DrbdData-clone", "Promoted")]
+    assert t.orders == [("DrbdData-clone", "promote", "mail", "start")]
+    cmds = [c for c, _ in cluster.plan_changes(t, cluster.Actual(), {}, 3)]
+    assert cmds[0].startswith("pcs resource create DrbdData ocf:linbit:drbd drbd_resource=mail op monitor "
+                              "interval=29s role=Promoted op monitor interval=31s role=Unpromoted promotable")
+    assert "clone-max=2" in cmds[0]
+    assert "pcs constraint colocation add mail with Promoted DrbdData-clone INFINITY" in cmds
+    assert "pcs constraint order promote DrbdData-clone then start mail" in cmds
+
+
+@pytest.mark.parametrize("inventory", INVENTORIES, ids=lambda p: p.name)
+def test_every_shipped_inventory_has_a_tree(inventory, tmp_path):
+    inv = load(inventory)
+    if inv.mail is None:
+        assert cluster.desired_tree(inv).primitives == []
+        return
+    secrets = Secrets(tmp_path / "s.yml")
+    for name in ("fence_virsh_ip", "fence_virsh_username", "fence_virsh_password", "fence_vbox_ip",
+                 "fence_vbox_username", "fence_vbox_password", "fence_ipmilan_username", "fence_ipmilan_password",
+                 *(f"fence_ipmilan_ip_{n}" for n in cluster.nodes(inv))):
+        secrets.get(name)
+    t = cluster.desired_tree(inv, secrets.require)
+    assert t.groups["mail"][-3:] == ["virtual_ip", "postfix", "dovecot"]
+    assert t.stonith or inv.mail.fence_agent == "none"
+
+
+def test_real_fence_agent_needs_its_credentials(tmp_path):
+    inv = _with_mail(LAB, fence_agent="fence_virsh")
+    with pytest.raises(UserError, match="missing secret 'fence_virsh_username'.*fence_virsh credentials"):
+        cluster.desired_tree(inv, Secrets(tmp_path / "s.yml").require)
+    secrets = Secrets(tmp_path / "s.yml")
+    for k, v in (("fence_virsh_ip", "192.0.2.1"), ("fence_virsh_username", "fencer"),
+                 ("fence_virsh_password", "pw-123456789")):
+        secrets.get(k, lambda v=v: v)
+    (dev,) = cluster.fence_devices(inv, secrets.require)
+    assert dev.agent == "stonith:fence_virsh"
+    assert dict(dev.params) == {"ip": "192.0.2.1", "username": "fencer", "password": "pw-123456789",
+                                "pcmk_host_list": "postfix01,postfix02,postfix03", "secure": "1"}
+
+
+def test_ipmilan_has_one_device_per_node(tmp_path):
+    inv = _with_mail(LAB, fence_agent="fence_ipmilan")
+    secrets = Secrets(tmp_path / "s.yml")
+    devs = cluster.fence_devices(inv, lambda n, h="": secrets.get(n))
+    assert [d.id for d in devs] == ["fence_postfix01", "fence_postfix02", "fence_postfix03"]
+    assert dict(devs[1].params)["pcmk_host_list"] == "postfix02"
+
+
+# --- the CIB and the difference ------------------------------------------------
+
+
+def test_parse_cib_of_a_converged_cluster():
+    a = cluster.parse_cib(CIB)
+    assert a.groups == {"mail": ["virtual_ip", "postfix", "dovecot"], "dbproxy": ["dbproxy_ip", "haproxy"]}
+    assert a.primitives["postfix"].agent == "systemd:postfix@-"
+    assert a.primitives["fence_lab"].agent == "stonith:fence_lab"
+    assert a.properties["crm_config"]["stonith-enabled"] == "true"
+    assert a.properties["rsc_defaults"]["resource-stickiness"] == "100"
+
+
+def test_converged_cib_needs_no_command():
+    changes = cluster.plan_changes(cluster.desired_tree(LAB), cluster.parse_cib(CIB),
+                                   cluster.desired_properties(LAB), 3)
+    assert changes == []
+
+
+def test_empty_cib_creates_everything_in_group_order():
+    cmds = [c for c, _ in cluster.plan_changes(cluster.desired_tree(LAB), cluster.Actual(),
+                                                cluster.desired_properties(LAB), 3)]
+    assert cmds[:4] == [
+        "crm_attribute --type crm_config --name stonith-enabled --update true",
+        "crm_attribute --type crm_config --name stonith-action --update off",
+        "crm_attribute --type crm_config --name no-quorum-policy --update stop",
+        "crm_attribute --type rsc_defaults --name resource-stickiness --update 100",
+    ]
+    assert cmds[4] == ("pcs resource create virtual_ip ocf:heartbeat:IPaddr2 ip=10.200.11.110 cidr_netmask=24 "
+                       "op monitor interval=30s --group mail")
+    assert cmds[5] == "pcs resource create postfix systemd:postfix@- op monitor interval=30s --group mail"
+    assert cmds[-1] == ("pcs stonith create fence_lab fence_lab pcmk_host_list=postfix01,postfix02,postfix03 "
+                        "op monitor interval=60s")
+    assert not any("delete" in c for c in cmds)
+
+
+def test_changed_vip_is_updated_in_place_and_missing_member_is_placed():
+    cib = CIB.replace('value="10.200.11.110"', 'value="10.200.11.99"')
+    start = cib.index('<primitive id="postfix"')
+    cib = cib[:start] + cib[cib.index("</primitive>", start) + len("</primitive>"):]
+    changes = cluster.plan_changes(cluster.desired_tree(LAB), cluster.parse_cib(cib),
+                                   cluster.desired_properties(LAB), 3)
+    assert [c for c, _ in changes] == [
+        "pcs resource update virtual_ip ip=10.200.11.110",
+        "pcs resource create postfix systemd:postfix@- op monitor interval=30s --group mail --after virtual_ip",
+    ]
+
+
+def test_other_agent_under_our_name_is_refused_not_recreated():
+    cib = CIB.replace('<primitive id="dovecot" class="systemd" type="dovecot">',
+                      '<primitive id="dovecot" class="lsb" type="dovecot">')
+    with pytest.raises(UserError, match="dovecot is lsb:dovecot.*refusing to delete and recreate"):
+        cluster.plan_changes(cluster.desired_tree(LAB), cluster.parse_cib(cib), {}, 3)
+
+
+# --- corosync.conf, crm_mon ----------------------------------------------------
+
+
+DEBIAN_DEFAULT = """totem {
+\tversion: 2
+\tcluster_name: debian
+}
+nodelist {
+\tnode {
+\t\tname: node1
+\t\tnodeid: 1
+\t\tring0_addr: 127.0.0.1
+\t}
+}
+"""
+
+
+def test_debian_default_corosync_conf_is_recognised():
+    ours = ["postfix01", "postfix02", "10.200.11.113"]
+    assert cluster.is_standalone_default(DEBIAN_DEFAULT, ours)
+    other = DEBIAN_DEFAULT.replace("name: node1", "name: postfix01")
+    assert not cluster.is_standalone_default(other, ours)
+
+
+CRM_MON = """<pacemaker-result api-version="2.30" request="crm_mon --output-as=xml">
+  <nodes>
+    <node name="postfix01" id="1" online="true" standby="false" type="member"/>
+    <node name="postfix02" id="2" online="true" standby="true" type="member"/>
+    <node name="postfix03" id="3" online="false" standby="false" type="member"/>
+  </nodes>
+  <resources><resource id="virtual_ip" role="Started" active="true"><node name="postfix01" id="1"/></resource></resources>
+</pacemaker-result>"""
+
+
+def test_online_nodes_exclude_standby_offline_and_resource_entries():
+    assert cluster.online_nodes(CRM_MON) == ["postfix01"]
+
+
+def test_ring_addresses_on_the_mail_network():
+    assert [cluster.ring_address(LAB, n) for n in cluster.nodes(LAB)] == \
+        ["10.200.11.113", "10.200.11.114", "10.200.11.115"]
+    assert cluster.cluster_name(LAB) == "lab-mail"
+
+
+# --- fence_lab: the agent's option parsing and the listener's checks ------------
+
+
+def test_agent_parses_fencer_stdin():
+    opts = AGENT.options([], "action=off\nport=postfix02\nnodename=postfix02\n# c\n\nipaddr=10.200.0.1\n",
+                         {"ipport": "1229", "password": "s3cret"})
+    assert opts["action"] == "off" and opts["plug"] == "postfix02"
+    assert opts["ip"] == "10.200.0.1" and opts["ipport"] == "1229" and opts["password"] == "s3cret"
+
+
+def test_agent_parses_command_line_over_stdin_and_conf():
+    opts = AGENT.options(["-o", "status", "-n", "postfix03", "--ip=10.1.1.1"], None, {"ip": "10.9.9.9"})
+    assert (opts["action"], opts["plug"], opts["ip"]) == ("status", "postfix03", "10.1.1.1")
+    with pytest.raises(AGENT.FenceError):
+        AGENT.parse_argv(["--bogus"])
+    assert AGENT.options([], "nodename=postfix01\n", {})["plug"] == "postfix01"
+    assert AGENT.options([], "", {})["action"] == "reboot"  # Pacemaker's default action
+
+
+def test_agent_metadata_lists_standard_actions():
+    out = io.StringIO()
+    assert AGENT.run({"action": "metadata"}, out) == 0
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(out.getvalue())
+    actions = {a.get("name") for a in root.iter("action")}
+    assert {"on", "off", "reboot", "status", "monitor", "list", "metadata"} <= actions
+    assert {p.get("name") for p in root.iter("parameter")} >= {"plug", "port", "ip", "ipport", "password"}
+
+
+def test_agent_and_listener_agree_on_the_signature():
+    assert AGENT.sign("k", "n1", "off", "h") == labfence.sign("k", "n1", "off", "h")
+    hosts = {"postfix01": None}
+    good = f"off postfix01 {labfence.sign('k', 'n1', 'off', 'postfix01')}"
+    assert labfence.check_request(good, "n1", "k", hosts) == ("off", "postfix01")
+    with pytest.raises(ValueError, match="bad signature"):
+        labfence.check_request(good, "n2", "k", hosts)  # replayed against a new nonce
+    with pytest.raises(ValueError, match="not a host of this lab"):
+        labfence.check_request(f"off pxc9 {labfence.sign('k', 'n1', 'off', 'pxc9')}", "n1", "k", hosts)
+    with pytest.raises(ValueError, match="unknown action"):
+        labfence.check_request(f"rm postfix01 {labfence.sign('k', 'n1', 'rm', 'postfix01')}", "n1", "k", hosts)
+
+
+def test_agent_talks_to_a_listener(monkeypatch):
+    """The agent against a stand-in listener on loopback: off then status until off."""
+    state = {"postfix02": "on"}
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+
+    def serve():
+        for _ in range(3):
+            conn, _ = srv.accept()
+            with conn, conn.makefile("rw") as f:
+                f.write("fence_lab 1 abc\n")
+                f.flush()
+                action, host, _mac = labfence.check_request(f.readline(), "abc", "k", state) + ("",)
+                if action == "off":
+                    state[host] = "off"
+                f.write(f"ok {state[host]}\n")
+                f.flush()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    out = io.StringIO()
+    opts = {"action": "off", "plug": "postfix02", "ip": "127.0.0.1", "ipport": str(port), "password": "k"}
+    assert AGENT.run(opts, out) == 0
+    assert "Powered OFF" in out.getvalue() and state["postfix02"] == "off"
+    assert AGENT.run({**opts, "action": "status"}, io.StringIO()) == 2
+    t.join(5)
+    srv.close()
