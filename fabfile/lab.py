@@ -1138,7 +1138,7 @@ def ssh(c, host, command=None):
 
 
 @task(help={"host": "the lab host", "action": "off (pull the plug), on (boot it), or status"})
-def power(c, host, action="status"):
+def power(c, host, action):
     """Power one lab host off (hard), on, or show its power state: what fence_lab does."""
     inv = load_inventory(c)
     plan = Plan(inv)

@@ -252,6 +252,10 @@ def _install(h: HostSession) -> None:
         "debconf: no dbconfig-common database for Postfixadmin, no postfix wizard",
     )
     h.packages(PACKAGES)
+    have = h.probe("id -u vmail && id -g vmail")
+    if have.ok and have.stdout.split() != [str(VMAIL_UID)] * 2:
+        raise HostFailed(f"user vmail exists with uid/gid {'/'.join(have.stdout.split())}; the mail tier needs "
+                         f"{VMAIL_UID}/{VMAIL_UID} on every back end (they share the mail store): fix it by hand")
     h.ensure(f"getent group vmail | grep -q ':{VMAIL_UID}:'", f"groupadd -g {VMAIL_UID} vmail", f"group vmail ({VMAIL_UID})")
     h.ensure(f"getent passwd vmail | grep -q ':{VMAIL_UID}:{VMAIL_UID}:'",
              f"useradd -r -u {VMAIL_UID} -g vmail -d {MAIL_ROOT} -s /usr/sbin/nologin -M vmail",
@@ -306,9 +310,11 @@ def in_cluster(h: HostSession) -> bool:
 
 def _services(h: HostSession, changed: dict[str, bool]) -> None:
     if in_cluster(h):
-        for name in ("postfix", "dovecot"):
-            if (changed.get(name) or changed.get(f"{name}_restart")) and h.probe(f"systemctl is-active -q {name}").ok:
-                h.sh(f"systemctl reload {name}", message=f"{name} reloaded (Pacemaker owns it)")
+        # Pacemaker runs systemd:postfix@- (the daemon; postfix.service is a
+        # oneshot wrapper) and systemd:dovecot: reload where it runs them.
+        for name, unit in (("postfix", "postfix@-"), ("dovecot", "dovecot")):
+            if (changed.get(name) or changed.get(f"{name}_restart")) and h.probe(f"systemctl is-active -q {unit}").ok:
+                h.sh(f"systemctl reload {unit}", message=f"{name} reloaded (Pacemaker owns it)")
             else:
                 h.ok(f"{name}: left to Pacemaker")
         return
@@ -383,6 +389,9 @@ NO_PK_SQL = (
 
 
 def _schema(h: HostSession) -> None:
+    if h.run.check and not h.probe(f"test -s {PFA_CLIENT_CNF} && test -f {PFA_DIR}/public/upgrade.php").ok:
+        h.changed("would create Postfixadmin's schema (upgrade.php), the mail domain and the superadmin")
+        return
     inv = h.inv
     have, target = schema_version(h)
     if have is not None and have >= target:
