@@ -10,11 +10,12 @@ from invoke import Collection
 from . import base, firewall, gateway, pki
 from . import ejabberd, keepalived, postgres
 from . import dbproxy, pxc
+from . import cluster, drbd
 from .core import runbook
 
 COMMON = [base, gateway, firewall, pki]
 XMPP = [postgres, ejabberd, keepalived]
-MAIL = [pxc, dbproxy]  # galera -> database proxy -> the back ends
+MAIL = [pxc, dbproxy, drbd, cluster]  # galera -> database proxy -> the back ends' storage and cluster
 
 
 def _converge(run, tiers) -> None:
