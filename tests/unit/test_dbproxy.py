@@ -54,10 +54,8 @@ def test_haproxy_binds_own_address_and_vip(secrets):
 @pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy is not installed on this machine")
 def test_haproxy_config_is_accepted_by_haproxy(secrets, tmp_path):
     cfg = tmp_path / "haproxy.cfg"
-    # Checked as haproxy -c does on the host, minus what needs that host (chroot, user, addresses).
-    text = haproxy_cfg(secrets).replace("    chroot /var/lib/haproxy\n", "")
-    text = re.sub(r"bind \S+:3306", "bind 127.0.0.1:0", text)
-    cfg.write_text(text)
+    # The same check the deploy runs on the host before the file replaces the old one.
+    cfg.write_text(haproxy_cfg(secrets))
     out = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
