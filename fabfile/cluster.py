@@ -521,7 +521,7 @@ def status(run):
 
     def one(h: HostSession) -> None:
         out = h.read("crm_mon -1 --include=nodes,resources,failures")
-        run.report.console.print(out)
+        run.report.console.print(out, markup=False, emoji=False, highlight=False)
         h.ok("crm_mon -1")
 
     run.step("cluster: status", [node], one)

@@ -868,6 +868,8 @@ def lab_up(inv: Inventory, hosts: str | None = None, timeout: float = 180, state
             _say(f"made bridges {', '.join(made)}; {plan.bridges[plan.mgmt]} has {plan.bridge_interface}")
         if ensure_apt_proxy(plan):
             _say(f"started apt-cacher-ng on {plan.proxy_url} (cache {plan.apt_cache})")
+        if ensure_fence_listener(plan):  # before the hosts boot: their cluster monitors it at once
+            _say(f"started the fence_lab power listener on {plan.bridge_interface.ip}")
         built = ensure_root(plan)
         _say(f"cached root {plan.root}: " + (f"built in {built:.0f}s" if built is not None else "reused"))
 
@@ -880,8 +882,6 @@ def lab_up(inv: Inventory, hosts: str | None = None, timeout: float = 180, state
             ensure_netns(plan, host)
             start_container(plan, host)
         states = wait_ready(plan, to_start, timeout) if to_start else {}
-        if ensure_fence_listener(plan):
-            _say(f"started the fence_lab power listener on {plan.bridge_interface.ip}")
     elapsed = time.monotonic() - t0
     degraded = sorted(h for h, s in states.items() if s == "degraded")
     msg = f"{len(running)} hosts already running, {len(to_start)} started"

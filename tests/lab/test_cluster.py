@@ -124,6 +124,8 @@ def test_cluster_formed_all_resources_together(lab, backends):
         assert where.get(p.id), f"{p.id} is not started: {where}"
     for group, members in tree.groups.items():
         assert len({where[m] for m in members}) == 1, f"group {group} split over nodes: {where}"
+    failures = root.find("failures")
+    assert failures is None or len(failures) == 0, ET.tostring(failures).decode()
     verify = lab.run(backends[0], "crm_verify -L -V")
     assert verify.returncode == 0, verify.stderr + verify.stdout
     props = lab.run(backends[0], "crm_attribute --type crm_config --name stonith-enabled --query --quiet")
