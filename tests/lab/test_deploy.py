@@ -10,8 +10,7 @@ pytestmark = pytest.mark.lab
 
 @pytest.fixture(scope="module")
 def deployed(lab):
-    out = lab.invoke("deploy.all")
-    assert out.returncode == 0, f"inv deploy.all failed:\n{out.stdout[-5000:]}\n{out.stderr[-3000:]}"
+    out = lab.converge("deploy.all")
     ok, changed, failed = recap(out)
     assert failed == 0 and ok + changed > 0
     return lab
