@@ -6,7 +6,8 @@ one JSON line of results.
   given CA, for the address connected to) and AUTH as the sender, to the recipient;
 - fetch: IMAP with STARTTLS (143) and IMAPS (993), both verified, as the
   recipient: waits until the message (by its unique subject) is in INBOX;
-- relay: unauthenticated SMTP on 25 and 587 to a foreign domain; the replies.
+- relay: unauthenticated SMTP on 25 and 587 to a foreign domain; the replies;
+- http: HTTPS GET of the given paths (verified); their status codes.
 """
 
 import imaplib
@@ -15,6 +16,8 @@ import smtplib
 import ssl
 import sys
 import time
+import urllib.error
+import urllib.request
 from email.message import EmailMessage
 
 spec = json.load(sys.stdin)
@@ -77,5 +80,15 @@ if "relay" in spec:
             replies[str(port)] = [code, rcode, rtext.decode(errors="replace")]
             smtp.rset()
     out["relay"] = replies
+
+if "http" in spec:
+    codes = {}
+    for path in spec["http"]:
+        try:
+            with urllib.request.urlopen(f"https://{host}{path}", context=ctx, timeout=timeout) as r:
+                codes[path] = r.status
+        except urllib.error.HTTPError as e:
+            codes[path] = e.code
+    out["http"] = codes
 
 print(json.dumps(out))
