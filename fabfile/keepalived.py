@@ -100,14 +100,9 @@ def _keepalived(h: HostSession) -> None:
     src = template_vars(h.inv, h.name, h.run.secret)["vrrp_src"]
     conf_changed = h.template("keepalived/etc/keepalived/keepalived.conf.j2", CONFIG, mode="0640",
                               validate="keepalived -t -f {}", detected_interface=_interface(h, src))
-    # The unit has ConditionFileNotEmpty on its config: installed before the config
-    # existed, systemd skipped it, and the core's service() takes a skipped unit
-    # as "does not apply here". Start it explicitly when it is not running.
-    if not h.run.check and not h.probe("systemctl is-active --quiet keepalived").ok:
-        h.sh("systemctl start keepalived", message="start keepalived")
-        h.service("keepalived")
-    else:
-        h.service("keepalived", reload=(conf_changed or check_changed) and not h.run.check)
+    # (The unit has ConditionFileNotEmpty on its config: installed before the config
+    # existed, systemd skipped it; service() tries such a unit again.)
+    h.service("keepalived", reload=conf_changed or check_changed)
 
 
 @runbook(default=True)

@@ -460,6 +460,24 @@ def _acng_pids(plan: Plan) -> list[int]:
     return _find("apt-cacher-ng", str(plan.acng_dir))
 
 
+# The machine's defaults (128 instances per user) run out at about a dozen booted
+# containers with their services: systemd in a container then fails with
+# "Failed to create inotify object: Too many open files".
+INOTIFY_LIMITS = {"max_user_instances": 1024, "max_user_watches": 524288}
+
+
+def ensure_inotify_limits() -> list[str]:
+    """Raise fs.inotify limits that are below what the lab needs; never lowers them."""
+    raised = []
+    for name, wanted in INOTIFY_LIMITS.items():
+        path = Path("/proc/sys/fs/inotify") / name
+        with contextlib.suppress(OSError, ValueError):
+            if int(path.read_text()) < wanted:
+                path.write_text(f"{wanted}\n")
+                raised.append(f"fs.inotify.{name} to {wanted}")
+    return raised
+
+
 def ensure_apt_proxy(plan: Plan) -> bool:
     """apt-cacher-ng on the management bridge address, detached; True if started now."""
     if _acng_pids(plan):
@@ -863,6 +881,9 @@ def lab_up(inv: Inventory, hosts: str | None = None, timeout: float = 180, state
         if ensure_key(inv):
             _say(f"made the lab's SSH key {inv.key_file}")
         ensure_run_mounts(plan)
+        raised = ensure_inotify_limits()
+        if raised:
+            _say(f"raised {', '.join(raised)} (every container's systemd takes inotify instances)")
         made = ensure_bridges(plan)
         if made:
             _say(f"made bridges {', '.join(made)}; {plan.bridges[plan.mgmt]} has {plan.bridge_interface}")

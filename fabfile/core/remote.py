@@ -268,7 +268,7 @@ class HostSession:
         q = shlex.quote(name)
         is_enabled = self.probe(f"systemctl is-enabled {q}").stdout.strip() == "enabled"
         is_active = self.probe(f"systemctl is-active {q}").ok
-        skipped = running and not is_active and self._skipped_by_conditions(q)
+        skipped = running and not is_active and self._still_skipped(q)
         if skipped:  # e.g. timesyncd in a container: the unit says it does not apply here
             running = False
         if enabled != is_enabled:
@@ -283,10 +283,20 @@ class HostSession:
             state = "skipped by its unit conditions" if skipped else "running" if running else "stopped"
             self.ok(f"service {name} {state}")
 
-    def _skipped_by_conditions(self, unit: str) -> bool:
-        """True when systemd tried the unit and skipped it (ConditionResult=no)."""
-        props = self.probe(f"systemctl show -p ConditionResult -p ConditionTimestampMonotonic {unit}").stdout
-        return "ConditionResult=no" in props and "ConditionTimestampMonotonic=0" not in props
+    def _still_skipped(self, unit: str) -> bool:
+        """True when systemd skips the unit for its conditions (ConditionResult=no),
+        even now: a unit skipped before its config existed is tried again, since
+        systemd evaluates the conditions afresh on every start."""
+        def skipped() -> bool:
+            props = self.probe(f"systemctl show -p ConditionResult -p ConditionTimestampMonotonic {unit}").stdout
+            return "ConditionResult=no" in props and "ConditionTimestampMonotonic=0" not in props
+
+        if not skipped():
+            return False
+        if self.run.check:
+            return True
+        self.probe(f"systemctl start {unit}")
+        return not self.probe(f"systemctl is-active {unit}").ok and skipped()
 
     # --- files --------------------------------------------------------------
 
