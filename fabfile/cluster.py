@@ -330,6 +330,9 @@ def converge(run: Run) -> None:
     if len(members) < 2:
         raise UserError(f"{inv.path}: a cluster needs at least two hosts with role {ROLE}")
     hosts = [h for h in members if h in run.hosts()]
+    if not hosts:
+        run.report.note("cluster: no cluster node selected (--hosts), skipped")
+        return
     if hosts != members:
         raise UserError("cluster: the cluster tier works on all its nodes at once; do not narrow it with --hosts "
                         f"(nodes: {', '.join(members)})")
