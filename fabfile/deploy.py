@@ -9,13 +9,13 @@ from invoke import Collection
 
 from . import base, firewall, gateway, pki
 from . import ejabberd, keepalived, postgres
-from . import dbproxy, pxc
+from . import dbproxy, mail, pxc
 from . import cluster, drbd
 from .core import runbook
 
 COMMON = [base, gateway, firewall, pki]
 XMPP = [postgres, ejabberd, keepalived]
-MAIL = [pxc, dbproxy, drbd, cluster]  # galera -> database proxy -> the back ends' storage and cluster
+MAIL = [pxc, dbproxy, mail, drbd, cluster]  # galera -> database proxy -> mail services (vmail uid first) -> storage and cluster
 
 
 def _converge(run, tiers) -> None:
