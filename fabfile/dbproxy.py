@@ -133,7 +133,7 @@ def _proxysql(h: HostSession) -> None:
              f"install -d -m 0755 /etc/apt/keyrings && curl -fsSL {PROXYSQL_REPO}../repo_pub_key -o {PROXYSQL_KEY}",
              f"ProxySQL's signing key {PROXYSQL_KEY}")
     if h.template("dbproxy/etc/apt/sources.list.d/proxysql.list.j2", "/etc/apt/sources.list.d/proxysql.list"):
-        h.sh("apt-get update -q")
+        h.apt_update()
     h.packages(["proxysql"])
     changed = h.template("dbproxy/etc/proxysql.cnf.j2", PROXYSQL_CFG, group="proxysql", mode="0640")
     was_running = h.probe("systemctl is-active -q proxysql").ok

@@ -45,6 +45,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .core import HostFailed, HostSession, Run, UserError, runbook
+from .core.remote import APT_UPDATE
 from .core.inventory import Inventory
 
 NULL_UUID = "00000000-0000-0000-0000-000000000000"
@@ -804,7 +805,7 @@ def _percona_repository(h: HostSession) -> None:
              "percona-release installed")
     h.ensure("test -e /etc/apt/sources.list.d/percona-pxc-80-release.list",
              "percona-release enable-only pxc-80 release && percona-release enable tools release && "
-             "apt-get update -q", "Percona repository pxc-80 enabled")
+             + APT_UPDATE, "Percona repository pxc-80 enabled")
 
 
 def wait_for(h: HostSession, cond, what: str, timeout: float = SYNC_TIMEOUT) -> Node:

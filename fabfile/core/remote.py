@@ -30,6 +30,12 @@ from .report import Report
 from .secrets import Secrets
 
 
+# apt-get update can hang for good when a proxy or mirror drops a connection in
+# the middle of a reply (all of apt's methods idle, apt waiting): bound each try
+# and try again, instead of hanging the whole run.
+APT_UPDATE = "for try in 1 2 3; do timeout 120 apt-get update -q && break; [ $try = 3 ] && exit 1; sleep 2; done"
+
+
 class HostFailed(Exception):
     """One action failed on one host; the message names the command, status and stderr."""
 
@@ -252,15 +258,18 @@ class HostSession:
         if not missing:
             self.ok(f"packages present: {' '.join(names)}")
             return False
+        install = ("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
+                   "-o Dpkg::Options::=--force-confold " + " ".join(missing))
         self.sh(
-            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
-            "-o Dpkg::Options::=--force-confold " + " ".join(missing)
-            + " || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
-            "--no-install-recommends -o Dpkg::Options::=--force-confold " + " ".join(missing) + ")",
+            f"{install} || ({APT_UPDATE} && {install})",
             message=f"install {' '.join(missing)}",
             timeout=1800,
         )
         return True
+
+    def apt_update(self) -> Result:
+        """Refresh apt's package lists (after a repository was added), bounded and retried."""
+        return self.sh(APT_UPDATE, message="apt-get update")
 
     def service(self, name: str, *, enabled: bool = True, running: bool = True,
                 restart: bool = False, reload: bool = False) -> None:

@@ -15,6 +15,7 @@ from fabfile import pxc
 from fabfile.core import templates
 from fabfile.core.errors import UserError
 from fabfile.core.inventory import InventoryError, load, parse
+from fabfile.core.remote import APT_UPDATE
 from fabfile.core.secrets import Secrets
 from fabfile.pxc import Node, decide, formation
 
@@ -435,7 +436,7 @@ def test_percona_install_sequence(secrets):
     kinds = [c[0] + ":" + str(c[1]) for c in calls]
     assert "percona-release" in calls[0][1] and "repo.percona.com" in calls[0][1]
     assert calls[1] == ("ensure", "percona-release enable-only pxc-80 release && percona-release enable tools "
-                                  "release && apt-get update -q")
+                                  "release && " + APT_UPDATE)
     i_policy = kinds.index("template:/usr/sbin/policy-rc.d")
     i_pkgs = kinds.index("packages:('percona-xtradb-cluster', 'rsync', 'socat')")
     i_rm = kinds.index("sh:rm -f /usr/sbin/policy-rc.d")
