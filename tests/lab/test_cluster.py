@@ -26,8 +26,6 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from fabfile import cluster, lab as labmod
-from fabfile.core import templates
-from fabfile.core.secrets import Secrets
 from tests.lab.labhost import recap
 
 pytestmark = pytest.mark.lab
@@ -95,23 +93,6 @@ def start_times(lab, node: str) -> dict[str, str]:
     units = [p.unit for p in cluster.desired_tree(lab.inv).primitives if p.unit]
     r = lab.run(node, " ; ".join(f"systemctl show -p ActiveEnterTimestampMonotonic --value {u}" for u in units))
     return dict(zip(units, r.stdout.split()))
-
-
-def test_drbd_resource_files_parse_with_drbdadm(lab, tmp_path):
-    host = cluster.nodes(lab.inv)[0]
-    lab.run(host, "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends drbd-utils",
-            timeout=600, check=True)
-    secrets = Secrets(tmp_path / "s.yml")
-    for version, drbdadm in ((8, "/usr/lib/drbd/drbdadm-84"), (9, "drbdadm")):
-        mail = lab.inv.mail.model_copy(update={"storage": "drbd", "drbd_version": version})
-        inv = lab.inv.model_copy(update={"mail": mail})
-        text = templates.render("drbd/etc/drbd.d/mail.res.j2", inv, host, secrets.get)
-        lab.run(host, f"cat > /tmp/mail{version}.res", input=text, check=True)
-        r = lab.run(host, f"{drbdadm} -c /tmp/mail{version}.res dump all")
-        assert r.returncode == 0, f"DRBD {version}: {r.stderr}"
-        assert "resource mail" in r.stdout and "meta-disk" in r.stdout
-        if version == 9:
-            assert "connection-mesh" in r.stdout and r.stdout.count("node-id") == len(cluster.nodes(lab.inv))
 
 
 def test_cluster_formed_all_resources_together(lab, backends):

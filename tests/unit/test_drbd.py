@@ -1,8 +1,11 @@
 """DRBD tier: the resource file for both versions, the brand-new detection and
-the initial-sync guard (never a mkfs over data). drbd-utils' own parser checks
-the rendered files in tests/lab/test_cluster.py."""
+the initial-sync guard (never a mkfs over data), and drbd-utils' own parser
+on the rendered files (drbdadm for 9, drbdadm-84 for 8.4; no kernel module needed)."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
 
 import pytest
 
@@ -64,3 +67,15 @@ def test_initial_sync_only_when_every_node_is_new_and_nothing_uptodate():
 
 def test_lab_has_no_storage():
     assert LAB.mail.storage == "none"
+
+
+@pytest.mark.skipif(not shutil.which("drbdadm"), reason="drbd-utils is not installed here (./run test installs it)")
+@pytest.mark.parametrize("version, drbdadm", [(8, "/usr/lib/drbd/drbdadm-84"), (9, "drbdadm")])
+def test_resource_file_parses_with_drbdadm(version, drbdadm, tmp_path):
+    res = tmp_path / "mail.res"
+    res.write_text(_render(version, tmp_path))
+    r = subprocess.run([drbdadm, "-c", str(res), "dump", "all"], capture_output=True, text=True)
+    assert r.returncode == 0, f"DRBD {version}: {r.stderr}"
+    assert "resource mail" in r.stdout and "meta-disk" in r.stdout
+    if version == 9:
+        assert "connection-mesh" in r.stdout and r.stdout.count("node-id") == len(LAB.with_role("mail_backend"))
