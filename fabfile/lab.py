@@ -695,7 +695,8 @@ def _rmdir_tree(path: Path) -> None:
 NSPAWN_WRAPPER = 'IFS=:; for cg in $CGROUPS; do echo $$ > "$cg/cgroup.procs" || exit 1; done; unset IFS CGROUPS; exec "$@"'
 
 
-def start_container(plan: Plan, host: str) -> None:
+def start_container(plan: Plan, host: str) -> subprocess.Popen:
+    """Boot the host; the returned process is its systemd-nspawn (after the wrapper's exec)."""
     cgroups = _cgroup_dirs(plan, host)
     for cg in cgroups:
         _rmdir_tree(cg)  # a crashed run's payload/supervisor cgroups
@@ -727,7 +728,7 @@ def start_container(plan: Plan, host: str) -> None:
     with open(log, "ab") as out:
         out.write(f"\n===== inv lab.up: booting {host} at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
         out.flush()
-        subprocess.Popen(
+        return subprocess.Popen(
             ["sh", "-c", NSPAWN_WRAPPER, "sh", *cmd],
             env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, cwd="/", close_fds=True,
@@ -794,14 +795,17 @@ def update_known_hosts(plan: Plan, hosts: list[str]) -> list[str]:
     return changed
 
 
-def wait_ready(plan: Plan, hosts: list[str], timeout: float) -> dict[str, str]:
-    """Wait until each host answers SSH and systemd has finished booting; return its state."""
+def wait_ready(plan: Plan, started: dict[str, subprocess.Popen], timeout: float) -> dict[str, str]:
+    """Wait until each started host answers SSH and systemd has finished booting; return its state.
+
+    A host counts as stopped when its own nspawn process exited: scanning /proc
+    for it races with the wrapper's exec (an empty cmdline for a moment)."""
     deadline = time.monotonic() + timeout
 
     def one(host: str) -> str:
         addr = (plan.inv.management_address(host), plan.inv.ssh.port)
         while True:
-            if running_pid(plan, host) is None:
+            if started[host].poll() is not None:
                 raise UserError(f"{host} stopped while booting; last lines of its console ({plan.console_log(host)}):\n"
                                 f"{_tail(plan.console_log(host))}")
             if time.monotonic() > deadline:
@@ -828,8 +832,8 @@ def wait_ready(plan: Plan, hosts: list[str], timeout: float) -> dict[str, str]:
                 raise UserError(f"{host}: host key verification failed against {plan.inv.known_hosts_file}")
             time.sleep(0.3)
 
-    with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
-        futures = {host: pool.submit(one, host) for host in hosts}
+    with ThreadPoolExecutor(max_workers=max(1, len(started))) as pool:
+        futures = {host: pool.submit(one, host) for host in started}
         errors, states = [], {}
         for host, fut in futures.items():
             try:
@@ -899,10 +903,11 @@ def lab_up(inv: Inventory, hosts: str | None = None, timeout: float = 180, state
         with ThreadPoolExecutor(max_workers=4) as pool:
             new_disks = [h for h, new in zip(to_start, pool.map(lambda h: prepare_disk(plan, h), to_start)) if new]
         replaced = update_known_hosts(plan, selected)
+        started = {}
         for host in to_start:
             ensure_netns(plan, host)
-            start_container(plan, host)
-        states = wait_ready(plan, to_start, timeout) if to_start else {}
+            started[host] = start_container(plan, host)
+        states = wait_ready(plan, started, timeout) if started else {}
     elapsed = time.monotonic() - t0
     degraded = sorted(h for h, s in states.items() if s == "degraded")
     msg = f"{len(running)} hosts already running, {len(to_start)} started"

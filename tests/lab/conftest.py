@@ -1,8 +1,12 @@
 """Lab tests: real Debian hosts (systemd-nspawn containers) reached over real SSH.
 
 The session fixture `lab` brings the lab up once (from inventory/lab.yml, or the
-file named by HASTACK_LAB_INVENTORY) and always takes it down at the end of the
-session, failures included, without --purge so the cached root stays.
+file named by HASTACK_LAB_INVENTORY) on fresh disks, and always takes it down at
+the end of the session, failures included, with the hosts' disks (the cached root
+and the package cache stay). What an earlier run left on the hosts' disks is no
+evidence for this one: a test run proves a deploy onto fresh hosts.
+HASTACK_LAB_REUSE=1 keeps running hosts and disks instead (quicker while working
+on one tier; a lab restarted from its disks gets the Galera cold start).
 
 Order: the lab's own checks (test_lab.py) run first, on fresh hosts; tests marked
 `lab_teardown` (the "nothing left after lab.down" check) run last of all.
@@ -46,8 +50,11 @@ def lab():
     if os.geteuid() != 0:
         pytest.skip("lab tests need root (namespaces, bridges, mounts, containers): run them as root")
     hosts = LabHosts(load(lab_inventory_path()))
+    fresh = os.environ.get("HASTACK_LAB_REUSE") != "1"
     try:
+        if fresh:
+            hosts.down(disks=True)
         hosts.up()
         yield hosts
     finally:
-        hosts.down()
+        hosts.down(disks=fresh)

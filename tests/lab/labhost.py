@@ -119,5 +119,5 @@ class LabHosts:
     def up(self, hosts: str | None = None) -> dict:
         return labmod.lab_up(self.inv, hosts=hosts, state_dir=self.state_dir)
 
-    def down(self, purge: bool = False) -> list[str]:
-        return labmod.lab_down(self.inv, purge=purge, state_dir=self.state_dir)
+    def down(self, purge: bool = False, disks: bool = False) -> list[str]:
+        return labmod.lab_down(self.inv, purge=purge, disks=disks, state_dir=self.state_dir)
