@@ -465,7 +465,10 @@ def _properties(h: HostSession, cib: dict) -> None:
     todo = [(c, m) for c, m in plan_changes(Tree(), actual, desired_properties(h.inv), 0)]
     for cmd, msg in todo:
         h.sh(cmd, message=msg)
-    if not todo:
+    if todo:  # the step ends with the tree running, not merely configured
+        h.sh("crm_resource --wait --timeout=180", message="every resource settled where the cluster placed it",
+             timeout=240)
+    else:
         h.ok("cluster properties and resource defaults as wanted")
 
 
@@ -493,7 +496,10 @@ def _resources(h: HostSession, tree: Tree, actual: Actual) -> None:
     todo = plan_changes(tree, actual, {}, len(nodes(h.inv)))
     for cmd, msg in todo:
         h.sh(cmd, message=msg)
-    if not todo:
+    if todo:  # the step ends with the tree running, not merely configured
+        h.sh("crm_resource --wait --timeout=180", message="every resource settled where the cluster placed it",
+             timeout=240)
+    else:
         h.ok(f"{len(tree.primitives)} resources, {len(tree.stonith)} STONITH device(s), constraints as wanted")
 
 

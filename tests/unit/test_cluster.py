@@ -8,7 +8,11 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import io
+import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -235,6 +239,31 @@ def test_agent_metadata_lists_standard_actions():
     actions = {a.get("name") for a in root.iter("action")}
     assert {"on", "off", "reboot", "status", "monitor", "list", "metadata"} <= actions
     assert {p.get("name") for p in root.iter("parameter")} >= {"plug", "port", "ip", "ipport", "password"}
+
+
+def test_agent_metadata_needs_no_config_it_cannot_read():
+    """pacemaker-controld asks for `metadata` as hacluster; the config is root's, mode 0600."""
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        folder.chmod(0o755)
+        agent = folder / "fence_lab"
+        shutil.copy(PROJECT_ROOT / "configs/cluster/usr/sbin/fence_lab", agent)
+        agent.chmod(0o755)
+        conf = folder / "fence_lab.conf"
+        conf.write_text("ip=10.200.0.1\npassword=k\n")
+        conf.chmod(0o600 if os.geteuid() == 0 else 0o000)  # root reads any mode: it runs the agent as nobody
+        as_other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        code = ("import importlib.machinery as m, sys; a = m.SourceFileLoader('a', sys.argv[1]).load_module(); "
+                "sys.exit(a.main(sys.argv[3:], None, sys.argv[2]))")
+
+        def agent_run(*args):
+            return subprocess.run([*as_other, "/usr/bin/python3", "-c", code, str(agent), str(conf), *args],
+                                  capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30)
+
+        meta = agent_run("-o", "metadata")
+        assert meta.returncode == 0 and '<resource-agent name="fence_lab"' in meta.stdout, meta.stderr
+        status = agent_run("-o", "status", "-n", "postfix01")
+        assert status.returncode == 1 and "Permission denied" in status.stderr, status.stderr
 
 
 def test_agent_and_listener_agree_on_the_signature():
