@@ -2,7 +2,8 @@
 mariadb flavour and haproxy; see the README's fidelity table).
 
 Proven here, with a real MySQL client (pymysql) run from a mail back end's
-network namespace through the proxy on that back end:
+network namespace through the proxy (at the dbproxy VIP once Pacemaker runs
+it, else on that back end):
 - cluster size N, every node Synced; a row written through the proxy is read
   on every node; the tiers re-run with 0 changed;
 - the pxc_strict_mode discipline: a table without a primary key is refused;
@@ -47,11 +48,11 @@ class Cluster:
         self.lab = lab
         self.inv = lab.inv
         self.nodes = lab.inv.with_role("galera")
-        self.backend = lab.inv.with_role("mail_backend")[0]
+        self.backends = lab.inv.with_role("mail_backend")
+        self.backend = self.backends[0]
         vip = lab.inv.vips.get("dbproxy")
         self.proxy_net = vip.network if vip else "mail"
-        # Nobody holds the dbproxy VIP before the Pacemaker tier: the proxy on
-        # the first back end, at its own address, reached from that back end.
+        self.vip = str(vip.address) if vip else None
         self.proxy = (lab.address(self.backend, self.proxy_net), 3306)
         self.netns = lab.plan.netns(self.backend)
         self.flavour = pxc.flavour(lab.inv)
@@ -83,6 +84,13 @@ class Cluster:
         cmd = f"pkill -KILL -x {self.flavour.daemon}; sleep 0.5; ! pidof {self.flavour.daemon}"
         for node, out in self.lab.run_all(list(nodes), cmd).items():
             assert out.returncode == 0, f"{node}: mysqld still alive after SIGKILL: {out.stdout}{out.stderr}"
+
+    def find_proxy(self) -> None:
+        """Once the Pacemaker tier ran, the proxy runs where the dbproxy VIP is; before
+        it, nobody holds the VIP and every back end runs one (the first one is used)."""
+        held = self.lab.run_all(self.backends, f"ip -o -4 addr show | grep -qw {self.vip}") if self.vip else {}
+        if any(r.returncode == 0 for r in held.values()):
+            self.proxy = (self.vip, 3306)
 
     def client(self, script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """A Python client run in the back end's network namespace (an allowed source)."""
@@ -207,14 +215,15 @@ def cluster(lab):
         out = lab.invoke("pxc.deploy", timeout=1800)
     assert out.returncode == 0, f"inv pxc.deploy failed:\n{out.stdout[-5000:]}\n{out.stderr[-2000:]}"
     inv("dbproxy.deploy")
-    # A test database and user, allowed from the proxy host only (like the mail tier's users).
-    src = lab.address(c.backend, c.proxy_net)
-    c.sql(c.nodes[0], f"CREATE DATABASE IF NOT EXISTS {DB}; "
-                      f"DROP USER IF EXISTS '{USER}'@'{src}'; "
-                      f"CREATE USER '{USER}'@'{src}' IDENTIFIED BY '{c.password}'; "
-                      f"GRANT ALL ON {DB}.* TO '{USER}'@'{src}'")
+    c.find_proxy()
+    # A test database and user, allowed from the proxy hosts only (like the mail tier's users).
+    sources = [lab.address(b, c.proxy_net) for b in c.backends]
+    users = ", ".join(f"'{USER}'@'{src}'" for src in sources)
+    c.sql(c.nodes[0], f"CREATE DATABASE IF NOT EXISTS {DB}; DROP USER IF EXISTS {users}; "
+                      + "".join(f"CREATE USER '{USER}'@'{src}' IDENTIFIED BY '{c.password}'; "
+                                f"GRANT ALL ON {DB}.* TO '{USER}'@'{src}'; " for src in sources))
     yield c
-    c.sql(c.nodes[0], f"DROP DATABASE IF EXISTS {DB}; DROP USER IF EXISTS '{USER}'@'{src}'", check=False)
+    c.sql(c.nodes[0], f"DROP DATABASE IF EXISTS {DB}; DROP USER IF EXISTS {users}", check=False)
 
 
 # --- happy path --------------------------------------------------------------------------------
