@@ -166,28 +166,29 @@ def test_port_open_from_allowed_and_closed_from_others(deployed, target, port, g
 
 def test_db_proxy_port_only_on_the_vip_and_from_its_clients(deployed):
     """mail_backend: the DB proxy port is open on the dbproxy VIP, from webmail and
-    the other back ends only, and not on the node's own address."""
-    vip = str(deployed.inv.vips["dbproxy"].address)
-    port = 3306 if deployed.inv.mail.db_proxy == "haproxy" else 6033
-    if deployed.run("postfix01", f"ip -4 addr show | grep -q ' {vip}/'").returncode != 0:
-        held = [h for h in deployed.inv.with_role("mail_backend")
-                if deployed.run(h, f"ip -4 addr show | grep -q ' {vip}/'").returncode == 0]
-        if held:
-            pytest.skip(f"the dbproxy VIP is held by {held[0]} (Pacemaker deployed): not moving it")
-        deployed.run("postfix01", f"ip addr add {vip}/32 dev mail", check=True)
-        added = True
-    else:
-        added = False
-    started = listen(deployed, "postfix01", port)
+    the other back ends only, and not on the node's own address. Checked on the
+    back end holding the VIP (Pacemaker's proxy answers there), else on the first
+    back end with the VIP added for the test."""
+    inv = deployed.inv
+    vip = str(inv.vips["dbproxy"].address)
+    port = 3306 if inv.mail.db_proxy == "haproxy" else 6033
+    backends = inv.with_role("mail_backend")
+    held = [h for h in backends if deployed.run(h, f"ip -4 addr show | grep -q ' {vip}/'").returncode == 0]
+    target = held[0] if held else backends[0]
+    if not held:
+        deployed.run(target, f"ip addr add {vip}/32 dev {inv.vips['dbproxy'].network}", check=True)
+    other = next(b for b in backends if b != target)
+    webmail, galera = inv.with_role("webmail")[0], inv.with_role("galera")[0]
+    started = listen(deployed, target, port)
     try:
-        assert connects(deployed, "ngx01", vip, port)
-        assert connects(deployed, "postfix02", vip, port)
-        assert not connects(deployed, "pxc1", vip, port)
-        assert not connects(deployed, "ngx01", deployed.address("postfix01", "mail"), port)
+        assert connects(deployed, webmail, vip, port)
+        assert connects(deployed, other, vip, port)
+        assert not connects(deployed, galera, vip, port)
+        assert not connects(deployed, webmail, deployed.address(target, inv.vips["dbproxy"].network), port)
     finally:
-        stop(deployed, "postfix01", started)
-        if added:
-            deployed.run("postfix01", f"ip addr del {vip}/32 dev mail")
+        stop(deployed, target, started)
+        if not held:
+            deployed.run(target, f"ip addr del {vip}/32 dev {inv.vips['dbproxy'].network}")
 
 
 def test_a_port_no_role_opens_is_closed_everywhere(deployed):
