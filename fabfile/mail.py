@@ -265,13 +265,14 @@ def _install(h: HostSession) -> None:
 
 def _configure(h: HostSession) -> dict[str, bool]:
     pf = False
-    if h.template("mail/etc/aliases.j2", "/etc/aliases") or not h.probe("test /etc/aliases.db -nt /etc/aliases").ok:
-        h.sh("newaliases", message="/etc/aliases.db rebuilt (newaliases)")
     for m in POSTFIX_MAPS:
         pf |= h.template(f"mail/etc/postfix/mysql-virtual-{m}.cf.j2", f"/etc/postfix/mysql-virtual-{m}.cf",
                          group="postfix", mode="0640")
     pf |= h.template("mail/etc/postfix/main.cf.j2", "/etc/postfix/main.cf", validate="postfix check")
     pf_master = h.template("mail/etc/postfix/master.cf.j2", "/etc/postfix/master.cf", validate="postfix check")
+    # After main.cf: postfix installed unconfigured (no wizard) has none, and newaliases reads it.
+    if h.template("mail/etc/aliases.j2", "/etc/aliases") or not h.probe("test /etc/aliases.db -nt /etc/aliases").ok:
+        h.sh("newaliases", message="/etc/aliases.db rebuilt (newaliases)")
     dv = h.template("mail/etc/dovecot/dovecot-sql.conf.ext.j2", "/etc/dovecot/dovecot-sql.conf.ext",
                     group="dovecot", mode="0640")
     dv |= h.template("mail/etc/dovecot/dovecot.conf.j2", "/etc/dovecot/dovecot.conf",

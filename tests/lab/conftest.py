@@ -8,7 +8,8 @@ evidence for this one: a test run proves a deploy onto fresh hosts.
 HASTACK_LAB_REUSE=1 keeps running hosts and disks instead (quicker while working
 on one tier; a lab restarted from its disks gets the Galera cold start).
 
-Order: the lab's own checks (test_lab.py) run first, on fresh hosts; tests marked
+Order: the lab's own checks (test_lab.py) run first, on fresh hosts, then
+`inv deploy.all` onto them (test_deploy.py), then the tier tests; tests marked
 `lab_teardown` (the "nothing left after lab.down" check) run last of all.
 """
 
@@ -24,6 +25,12 @@ from fabfile.core.inventory import load
 from tests.lab.labhost import LabHosts, lab_inventory_path
 
 
+# The lab's own checks on fresh hosts, then `inv deploy.all` onto those fresh
+# hosts (the README's deploy); every tier test after them converges its tier
+# again (a no-op) and proves it with real clients and faults.
+FIRST = ("test_lab.py", "test_deploy.py")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "lab_teardown: runs after every other lab test (takes the lab down)")
 
@@ -36,10 +43,10 @@ def pytest_collection_modifyitems(config, items):
 
     def rank(item):
         if item.get_closest_marker("lab_teardown"):
-            return 2
-        if here in Path(str(item.path)).parents and Path(str(item.path)).name == "test_lab.py":
-            return 0
-        return 1
+            return 3
+        if here in Path(str(item.path)).parents and Path(str(item.path)).name in FIRST:
+            return FIRST.index(Path(str(item.path)).name)
+        return 2
 
     items.sort(key=rank)  # stable: keeps the file order within each rank
 
