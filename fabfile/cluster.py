@@ -465,10 +465,7 @@ def _properties(h: HostSession, cib: dict) -> None:
     todo = [(c, m) for c, m in plan_changes(Tree(), actual, desired_properties(h.inv), 0)]
     for cmd, msg in todo:
         h.sh(cmd, message=msg)
-    if todo:  # the step ends with the tree running, not merely configured
-        h.sh("crm_resource --wait --timeout=180", message="every resource settled where the cluster placed it",
-             timeout=240)
-    else:
+    if not todo:
         h.ok("cluster properties and resource defaults as wanted")
 
 
