@@ -95,6 +95,12 @@ class LabHosts:
         with ThreadPoolExecutor(max_workers=8) as pool:
             return dict(zip(hosts, pool.map(lambda h: self.run(h, cmd, **kw), hosts)))
 
+    def vip_holders(self, vip: str) -> list[str]:
+        """The hosts that carry the inventory's VIP `vip` right now (normally none or one)."""
+        v = self.inv.vips[vip]
+        held = self.run_all(self.inv.with_role(v.role), f"ip -o -4 addr show | grep -q ' {v.address}/'")
+        return [h for h, r in held.items() if r.returncode == 0]
+
     def invoke(self, *args: str, **kw) -> subprocess.CompletedProcess:
         """`inv ARGS` against this lab's inventory."""
         return run_inv(*args, inventory=self.inv.path, **kw)

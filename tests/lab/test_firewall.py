@@ -173,7 +173,7 @@ def test_db_proxy_port_only_on_the_vip_and_from_its_clients(deployed):
     vip = str(inv.vips["dbproxy"].address)
     port = 3306 if inv.mail.db_proxy == "haproxy" else 6033
     backends = inv.with_role("mail_backend")
-    held = [h for h in backends if deployed.run(h, f"ip -4 addr show | grep -q ' {vip}/'").returncode == 0]
+    held = deployed.vip_holders("dbproxy")
     target = held[0] if held else backends[0]
     if not held:
         deployed.run(target, f"ip addr add {vip}/32 dev {inv.vips['dbproxy'].network}", check=True)

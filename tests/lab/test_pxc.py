@@ -88,8 +88,7 @@ class Cluster:
     def find_proxy(self) -> None:
         """Once the Pacemaker tier ran, the proxy runs where the dbproxy VIP is; before
         it, nobody holds the VIP and every back end runs one (the first one is used)."""
-        held = self.lab.run_all(self.backends, f"ip -o -4 addr show | grep -qw {self.vip}") if self.vip else {}
-        if any(r.returncode == 0 for r in held.values()):
+        if self.vip and self.lab.vip_holders("dbproxy"):
             self.proxy = (self.vip, 3306)
 
     def client(self, script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -97,11 +97,6 @@ def chat(lab, x, hosts: list[str], *, message: str | None = None, ca: Path | Non
     return in_netns(lab, x.gateway, CLIENT.read_text(), json.dumps(spec))
 
 
-def vip_holders(lab, x) -> list[str]:
-    res = lab.run_all(x.nodes, f"ip -o -4 addr show | grep -qw {x.vip}")
-    return [h for h, r in res.items() if r.returncode == 0]
-
-
 def wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -282,7 +277,7 @@ def test_replica_task_refuses_a_host_outside_the_role(lab, xmpp):
 def test_cluster_status_shows_nodes_vip_and_sessions(lab, xmpp):
     out = lab.invoke("ejabberd.cluster-status")
     ok(out)
-    holder = vip_holders(lab, xmpp)
+    holder = lab.vip_holders("xmpp")
     assert len(holder) == 1
     assert f"holds the VIP {xmpp.vip}" in out.stdout
     for host in xmpp.nodes:
@@ -293,13 +288,13 @@ def test_cluster_status_shows_nodes_vip_and_sessions(lab, xmpp):
 
 
 def test_vip_follows_ejabberd_and_the_node_rejoins(lab, xmpp):
-    holders = wait_for(lambda: vip_holders(lab, xmpp), 30, "a node to hold the VIP")
+    holders = wait_for(lambda: lab.vip_holders("xmpp"), 30, "a node to hold the VIP")
     assert len(holders) == 1
     down = holders[0]
     lab.run(down, "systemctl stop ejabberd", check=True, timeout=120)
     try:
-        moved = wait_for(lambda: [h for h in vip_holders(lab, xmpp) if h != down] if down not in
-                         vip_holders(lab, xmpp) else None, 30, f"the VIP to leave {down}")
+        moved = wait_for(lambda: [h for h in lab.vip_holders("xmpp") if h != down] if down not in
+                         lab.vip_holders("xmpp") else None, 30, f"the VIP to leave {down}")
         assert len(moved) == 1
         body = f"after failover {uuid.uuid4().hex[:6]}"
         out = chat(lab, xmpp, [xmpp.vip, xmpp.vip], message=body)
@@ -329,7 +324,7 @@ def test_ops_refuse_when_no_node_answers(lab, xmpp):
     want = {ejabberd.node_name(h) for h in xmpp.nodes}
     for host in xmpp.nodes:
         wait_for(lambda: cluster_of(lab, host) == want, 60, f"{host} to list the whole cluster")
-    wait_for(lambda: len(vip_holders(lab, xmpp)) == 1, 30, "one node to hold the VIP again")
+    wait_for(lambda: len(lab.vip_holders("xmpp")) == 1, 30, "one node to hold the VIP again")
 
 
 # --- idempotence (last) --------------------------------------------------------------------------
