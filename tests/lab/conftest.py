@@ -44,8 +44,9 @@ def pytest_collection_modifyitems(config, items):
     def rank(item):
         if item.get_closest_marker("lab_teardown"):
             return 3
-        if here in Path(str(item.path)).parents and Path(str(item.path)).name in FIRST:
-            return FIRST.index(Path(str(item.path)).name)
+        path = Path(str(item.path))
+        if here in path.parents and path.name in FIRST:
+            return FIRST.index(path.name)
         return 2
 
     items.sort(key=rank)  # stable: keeps the file order within each rank

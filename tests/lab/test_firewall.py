@@ -170,13 +170,13 @@ def test_db_proxy_port_only_on_the_vip_and_from_its_clients(deployed):
     back end holding the VIP (Pacemaker's proxy answers there), else on the first
     back end with the VIP added for the test."""
     inv = deployed.inv
-    vip = str(inv.vips["dbproxy"].address)
+    vip, net = str(inv.vips["dbproxy"].address), inv.vips["dbproxy"].network
     port = 3306 if inv.mail.db_proxy == "haproxy" else 6033
     backends = inv.with_role("mail_backend")
     held = deployed.vip_holders("dbproxy")
     target = held[0] if held else backends[0]
     if not held:
-        deployed.run(target, f"ip addr add {vip}/32 dev {inv.vips['dbproxy'].network}", check=True)
+        deployed.run(target, f"ip addr add {vip}/32 dev {net}", check=True)
     other = next(b for b in backends if b != target)
     webmail, galera = inv.with_role("webmail")[0], inv.with_role("galera")[0]
     started = listen(deployed, target, port)
@@ -184,11 +184,11 @@ def test_db_proxy_port_only_on_the_vip_and_from_its_clients(deployed):
         assert connects(deployed, webmail, vip, port)
         assert connects(deployed, other, vip, port)
         assert not connects(deployed, galera, vip, port)
-        assert not connects(deployed, webmail, deployed.address(target, inv.vips["dbproxy"].network), port)
+        assert not connects(deployed, webmail, deployed.address(target, net), port)
     finally:
         stop(deployed, target, started)
         if not held:
-            deployed.run(target, f"ip addr del {vip}/32 dev {inv.vips['dbproxy'].network}")
+            deployed.run(target, f"ip addr del {vip}/32 dev {net}")
 
 
 def test_a_port_no_role_opens_is_closed_everywhere(deployed):
