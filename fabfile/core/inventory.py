@@ -9,6 +9,8 @@ host before the inventory is valid.
 from __future__ import annotations
 
 import ipaddress
+import re
+import zoneinfo
 from collections import Counter
 from functools import cached_property
 from pathlib import Path
@@ -35,6 +37,33 @@ ROLES = {
 }
 Role = Literal[tuple(ROLES)]  # type: ignore[valid-type]
 Name = str
+
+# Every pattern is used with re.fullmatch (a trailing newline never passes).
+LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+HOST_NAME = re.compile(LABEL)  # hostnames, FQDNs and certificate names are made of it
+NETWORK_NAME = re.compile(r"[a-z][a-z0-9_]{0,11}")  # becomes a NIC name in the lab (15 characters with a prefix)
+DNS_NAME = re.compile(rf"(?=.{{1,253}}$)({LABEL}\.)+[a-z]([a-z0-9-]{{0,61}}[a-z0-9])?")
+ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*")
+MODULE = re.compile(r"[a-z0-9_]{1,64}")
+UNIX_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+XMPP_ADMIN = re.compile(r"[a-z0-9._-]{1,64}(@" + DNS_NAME.pattern + ")?")
+PROXY_URL = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def is_dns_name(value: str) -> bool:
+    return bool(DNS_NAME.fullmatch(value or ""))
+
+
+def is_zone(value: str) -> bool:
+    """A time zone name that names a zone of the IANA database (as tzdata installs it)."""
+    if not ZONE.fullmatch(value or "") or ".." in value:
+        return False
+    try:
+        zones = zoneinfo.available_timezones()
+    except Exception:  # pragma: no cover - no tz database on this machine
+        zones = set()
+    return value in zones if zones else True
 
 
 class _Model(BaseModel):
@@ -132,6 +161,29 @@ class Inventory(_Model):
     def fqdn(self, host: str) -> str:
         return f"{host}.{self.site.domain}"
 
+    def non_management(self, host: str) -> dict[str, ipaddress.IPv4Address]:
+        """A host's addresses on every network but the management one."""
+        mgmt = self.management_network
+        return {net: a for net, a in self.hosts[host].addresses.items() if net != mgmt}
+
+    def service_address(self, host: str) -> str:
+        """The address a host's services answer on: its first address outside the
+        management network, or its management address when it has no other."""
+        others = self.non_management(host)
+        return str(next(iter(others.values()))) if others else self.management_address(host)
+
+    def peer_addresses(self, src: str, target: str) -> list[str]:
+        """The addresses ``src`` talks to ``target`` from (as /32 CIDRs): its address
+        on a (non-management) network they share; across the gateway its own
+        segment address(es); the management address for a host with no other."""
+        mine, theirs = self.non_management(src), self.non_management(target)
+        shared = [a for net, a in mine.items() if net in theirs]
+        if shared:
+            return [f"{a}/32" for a in shared]
+        if mine:
+            return [f"{a}/32" for a in mine.values()]
+        return [f"{self.management_address(src)}/32"]
+
     @property
     def folder(self) -> Path:
         return self.path.parent
@@ -159,6 +211,46 @@ class Inventory(_Model):
     def problems(self) -> list[tuple[str, str]]:
         found: list[tuple[str, str]] = []
         add = lambda path, msg: found.append((path, msg))  # noqa: E731
+
+        # Names that end up in shells, hostnames, certificates and config files.
+        for name in self.hosts:
+            if not HOST_NAME.fullmatch(name):
+                add(f"hosts.{name!r}", "a host name must be one DNS label: lower-case letters, digits and '-', "
+                    "not starting or ending with '-', at most 63 characters")
+        for name, net in self.networks.items():
+            if not NETWORK_NAME.fullmatch(name):
+                add(f"networks.{name!r}", "a network name must be a lower-case letter followed by at most 11 "
+                    "lower-case letters, digits or '_' (it names the hosts' NICs)")
+            if CONTROL.search(net.description):
+                add(f"networks.{name}.description", "control characters (newlines, tabs, ...) are not allowed")
+        for name in self.vips:
+            if not NETWORK_NAME.fullmatch(name):
+                add(f"vips.{name!r}", "a VIP name must be a lower-case letter followed by at most 11 "
+                    "lower-case letters, digits or '_'")
+        if not is_dns_name(self.site.domain):
+            add("site.domain", f"{self.site.domain!r} is not a DNS name")
+        if not is_zone(self.site.timezone):
+            add("site.timezone", f"{self.site.timezone!r} does not name a time zone (e.g. UTC, Europe/Moscow)")
+        if self.site.apt_proxy is not None and not PROXY_URL.fullmatch(self.site.apt_proxy):
+            add("site.apt_proxy", f"{self.site.apt_proxy!r} is not an http(s)://HOST[:PORT] URL")
+        if not UNIX_USER.fullmatch(self.ssh.user):
+            add("ssh.user", f"{self.ssh.user!r} is not a user name")
+        for name, host in self.hosts.items():
+            for module in host.kernel_modules:
+                if not MODULE.fullmatch(module):
+                    add(f"hosts.{name}.kernel_modules", f"{module!r} is not a kernel module name")
+        for name, vip in self.vips.items():
+            for dns in vip.names:
+                if not is_dns_name(dns):
+                    add(f"vips.{name}.names", f"{dns!r} is not a DNS name")
+        if self.mail is not None and not is_dns_name(self.mail.domain):
+            add("mail.domain", f"{self.mail.domain!r} is not a DNS name")
+        if self.xmpp is not None:
+            if not is_dns_name(self.xmpp.domain):
+                add("xmpp.domain", f"{self.xmpp.domain!r} is not a DNS name")
+            for admin in self.xmpp.admins:
+                if not XMPP_ADMIN.fullmatch(admin):
+                    add("xmpp.admins", f"{admin!r} is not a user name (letters, digits, '.', '_', '-') or JID")
 
         managements = [n for n, net in self.networks.items() if net.management]
         if len(managements) != 1:
@@ -247,12 +339,26 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: dict = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a plain value, not a list or mapping", key_node.start_mark
+                ) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key '{key}'", key_node.start_mark
                 )
             seen[key] = True
         return super().construct_mapping(node, deep=deep)
+
+
+PATTERN_HINTS = {
+    "name": "a lower-case letter, then lower-case letters, digits and '-'",
+    "domain": "a DNS name such as example.com",
+    "apt_proxy": "an http(s):// URL",
+    "bridge_prefix": "a lower-case letter and at most 5 more letters or digits",
+}
 
 
 def _loc(loc: tuple) -> str:
@@ -268,7 +374,8 @@ def _message(err: dict) -> str:
     if kind == "missing":
         return "required key is missing"
     if kind == "string_pattern_mismatch":
-        return f"{err['input']!r} is not valid here"
+        hint = PATTERN_HINTS.get(str(err["loc"][-1]), "")
+        return f"{err['input']!r} is not valid here" + (f" ({hint})" if hint else "")
     return f"{msg} (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else msg
 
 
@@ -296,7 +403,12 @@ def parse(text: str, path: Path | str = "<inventory>") -> Inventory:
 def load(path: Path | str) -> Inventory:
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
-        raise InventoryError(path, [("", f"cannot read the inventory: {exc.strerror}")]) from None
+        raise InventoryError(path, [("", f"cannot read the inventory: {exc.strerror or exc}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InventoryError(path, [("", f"not UTF-8 text (byte {raw[exc.start]:#04x} on line {line})")]) from None
     return parse(text, path)

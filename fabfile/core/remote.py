@@ -11,12 +11,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import io
-import shlex
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import paramiko
 from fabric import Connection
@@ -28,12 +28,17 @@ from .errors import StepFailed, UserError
 from .inventory import Inventory
 from .report import Report
 from .secrets import Secrets
+from .shell import q, retry_loop
 
 
 # apt-get update can hang for good when a proxy or mirror drops a connection in
 # the middle of a reply (all of apt's methods idle, apt waiting): bound each try
 # and try again, instead of hanging the whole run.
 APT_UPDATE = "for try in 1 2 3; do timeout 120 apt-get update -q && break; [ $try = 3 ] && exit 1; sleep 2; done"
+# While packages install under `HostSession.packages(..., no_start=True)`: no
+# service starts (invoke-rc.d asks this file; 101 = action forbidden).
+POLICY_RC = "/usr/sbin/policy-rc.d"
+POLICY_RC_TEXT = "#!/bin/sh\n# hastack: no service starts while packages install\nexit 101\n"
 
 
 class HostFailed(Exception):
@@ -55,13 +60,17 @@ class Run:
     """Everything one operator command needs: the inventory, the selected hosts,
     secrets, check mode, connections and the report."""
 
-    def __init__(self, inv: Inventory, *, title: str, only: str | None = None, check: bool = False):
+    def __init__(self, inv: Inventory, *, title: str, only: str | None = None, check: bool = False,
+                 secrets: Secrets | None = None, report: Report | None = None):
         self.inv = inv
         self.check = check
-        self.only = _parse_hosts(only, inv) if only else None
-        self.secrets = Secrets(inv.site_file("secrets.yml"), persist=not check)
-        self.report = Report(title + (" (check mode)" if check else ""), mask=self.secrets.mask)
+        self.only = _parse_hosts(only, inv) if only is not None else None
+        self.secrets = secrets if secrets is not None else Secrets(inv.site_file("secrets.yml"), persist=not check)
+        self.report = report if report is not None else Report(title + (" (check mode)" if check else ""),
+                                                               mask=self.secrets.mask)
         self._sessions: dict[str, HostSession] = {}
+        self._memo: dict[Any, Any] = {}
+        self._memo_lock = threading.Lock()
 
     # --- host selection -----------------------------------------------------
 
@@ -72,6 +81,53 @@ class Run:
 
     def secret(self, name: str) -> str:
         return self.secrets.get(name)
+
+    def memo(self, key, compute: Callable[[], Any]) -> Any:
+        """State of this run, computed once: ``compute()`` the first time ``key`` is asked for."""
+        with self._memo_lock:
+            if key not in self._memo:
+                self._memo[key] = compute()
+            return self._memo[key]
+
+    # --- one-host operations ------------------------------------------------
+
+    def answering(self, hosts: Iterable[str], *, what: str, probe: str | None = None,
+                  prefer: str | None = None) -> "HostSession":
+        """The first host of ``hosts`` (in order) that is reachable and whose ``probe``
+        succeeds; among those, the first where ``prefer`` succeeds (say, the one
+        holding a VIP). A UserError names every host tried when none answers."""
+        tried: list[str] = []
+        fallback: HostSession | None = None
+        for host in hosts:
+            h = self.session(host)
+            try:
+                h.open()
+            except UserError as exc:
+                tried.append(str(exc))
+                continue
+            if probe is not None:
+                r = h.probe(probe)
+                if not r.ok:
+                    last = ((r.stderr or r.stdout).strip().splitlines() or ["no answer"])[-1]
+                    tried.append(f"{host}: {what} does not answer ({last})")
+                    continue
+            if prefer is None or h.probe(prefer).ok:
+                return h
+            fallback = fallback or h
+        if fallback is not None:
+            return fallback
+        raise UserError(f"no {what} answers, nothing was changed ("
+                        + "; ".join(tried or [f"no {what} among the selected hosts"]) + ")")
+
+    def on_one(self, title: str, h: "HostSession", action: Callable[["HostSession"], Any]) -> Any:
+        """An operation on one host (an ops task): reported as a step; a failure ends
+        the task with the host and the reason."""
+        self.report.step(title, [h.name])
+        try:
+            return action(h)
+        except HostFailed as exc:
+            self.report.result(h.name, "failed", str(exc))
+            raise UserError(f"{h.name}: {exc}") from None
 
     # --- connections --------------------------------------------------------
 
@@ -139,6 +195,18 @@ class HostSession:
         self.host = run.inv.hosts[host]
         self.address = run.inv.management_address(host)
         self._conn: Connection | None = None
+        self._memo: dict[Any, Any] = {}
+
+    def memo(self, key, compute: Callable[[], Any]) -> Any:
+        """State of this host in this run, computed once (facts read from the host,
+        per-host template variables)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def tier_vars(self, fn: Callable[..., dict]) -> dict:
+        """A tier's template variables for this host, ``fn(inv, host, secret)``, computed once per run."""
+        return self.memo(("vars", fn.__module__, fn.__qualname__), lambda: fn(self.inv, self.name, self.run.secret))
 
     # --- connection ---------------------------------------------------------
 
@@ -250,21 +318,50 @@ class HostSession:
 
     # --- packages and services ----------------------------------------------
 
-    def packages(self, names: Iterable[str]) -> bool:
+    def installed(self, package: str) -> bool:
+        """Whether the Debian package is installed (asked once per run and host;
+        ``packages()`` updates the answer)."""
+        return self.memo(("installed", package), lambda: self.probe(
+            f"dpkg-query -W -f='${{db:Status-Status}}' {q(package)}").stdout.strip() == "installed")
+
+    def packages(self, names: Iterable[str], *, preseed: Iterable[str] = (), no_start: bool = False) -> bool:
+        """Install what is missing of ``names``. ``preseed``: debconf answers
+        ("pkg question type value") given before an install. ``no_start``: no
+        service may start while they install (a policy-rc.d that forbids it,
+        removed afterwards; a policy-rc.d that is not ours is refused)."""
         names = sorted(set(names))
-        listed = self.probe("dpkg-query -W -f='${Package} ${db:Status-Status}\\n' " + " ".join(names))
+        listed = self.probe("dpkg-query -W -f='${Package} ${db:Status-Status}\\n' " + " ".join(q(n) for n in names))
         installed = {line.split()[0] for line in listed.stdout.splitlines() if line.endswith(" installed")}
+        for n in names:
+            self._memo[("installed", n)] = n in installed
         missing = [n for n in names if n not in installed]
         if not missing:
             self.ok(f"packages present: {' '.join(names)}")
             return False
+        preseed = list(preseed)
+        if preseed:
+            self.sh("debconf-set-selections", stdin="".join(line + "\n" for line in preseed),
+                    message="debconf: " + "; ".join(preseed))
+        guard = no_start and not self.run.check
+        if guard:
+            if self.probe(f"test -e {POLICY_RC}").ok and not self.probe(f"grep -q hastack {POLICY_RC}").ok:
+                raise HostFailed(f"{POLICY_RC} exists and is not ours; refusing to replace it to install "
+                                 + " ".join(missing))
+            self.sh(f"printf %s {q(POLICY_RC_TEXT)} > {POLICY_RC} && chmod 0755 {POLICY_RC}",
+                    message=f"{POLICY_RC}: no service starts during the install")
         install = ("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
-                   "-o Dpkg::Options::=--force-confold " + " ".join(missing))
-        self.sh(
-            f"{install} || ({APT_UPDATE} && {install})",
-            message=f"install {' '.join(missing)}",
-            timeout=1800,
-        )
+                   "-o Dpkg::Options::=--force-confold " + " ".join(q(n) for n in missing))
+        try:
+            self.sh(
+                f"{install} || ({APT_UPDATE} && {install})",
+                message=f"install {' '.join(missing)}" + (" (no service started)" if no_start else ""),
+                timeout=1800,
+            )
+        finally:
+            if guard:
+                self.sh(f"rm -f {POLICY_RC}", message=f"remove {POLICY_RC} (services may start again)")
+        for n in missing:
+            self._memo[("installed", n)] = not self.run.check
         return True
 
     def apt_update(self) -> Result:
@@ -274,20 +371,20 @@ class HostSession:
     def service(self, name: str, *, enabled: bool = True, running: bool = True,
                 restart: bool = False, reload: bool = False) -> None:
         """Converge a systemd unit; ``restart``/``reload`` when its config changed."""
-        q = shlex.quote(name)
-        is_enabled = self.probe(f"systemctl is-enabled {q}").stdout.strip() == "enabled"
-        is_active = self.probe(f"systemctl is-active {q}").ok
-        skipped = running and not is_active and self._still_skipped(q)
+        u = q(name)
+        is_enabled = self.probe(f"systemctl is-enabled {u}").stdout.strip() == "enabled"
+        is_active = self.probe(f"systemctl is-active {u}").ok
+        skipped = running and not is_active and self._still_skipped(u)
         if skipped:  # e.g. timesyncd in a container: the unit says it does not apply here
             running = False
         if enabled != is_enabled:
-            self.sh(f"systemctl {'enable' if enabled else 'disable'} {q}")
+            self.sh(f"systemctl {'enable' if enabled else 'disable'} {u}")
         if running and not is_active:
-            self.sh(f"systemctl start {q}")
+            self.sh(f"systemctl start {u}")
         elif not running and is_active:
-            self.sh(f"systemctl stop {q}")
+            self.sh(f"systemctl stop {u}")
         elif running and (restart or reload):
-            self.sh(f"systemctl {'reload' if reload and not restart else 'restart'} {q}")
+            self.sh(f"systemctl {'reload' if reload and not restart else 'restart'} {u}")
         elif enabled == is_enabled:
             state = "skipped by its unit conditions" if skipped else "running" if running else "stopped"
             self.ok(f"service {name} {state}")
@@ -309,11 +406,26 @@ class HostSession:
 
     # --- files --------------------------------------------------------------
 
-    def template(self, name: str, dest: str, *, owner: str = "root", group: str = "root",
-                 mode: str = "0644", validate: str | None = None, **extra) -> bool:
-        """Render configs/<name> for this host and put it at ``dest``."""
-        content = templates.render(name, self.inv, self.name, self.run.secret, **extra)
+    def template(self, name: str, dest: str, vars: dict | None = None, *, owner: str = "root",
+                 group: str = "root", mode: str = "0644", validate: str | None = None,
+                 check: Callable[[str], None] | None = None) -> bool:
+        """Render configs/<name> for this host with the tier's ``vars`` and put it at
+        ``dest`` (see ``put``). ``check(text)`` runs here on the rendered text
+        before anything is uploaded (a UserError from it stops the host)."""
+        content = templates.render(name, self.inv, self.name, self.run.secret, **(vars or {}))
+        if check is not None:
+            check(content)
         return self.put(content, dest, owner=owner, group=group, mode=mode, validate=validate)
+
+    def wait_for(self, cmd: str, *, timeout: int, what: str) -> None:
+        """Wait (on the host, one round trip) until ``cmd`` succeeds; a HostFailed
+        saying what did not happen within ``timeout`` seconds otherwise. Nothing
+        to wait for in check mode."""
+        if self.run.check:
+            return
+        r = self._exec(retry_loop(cmd, timeout), timeout=timeout + 30)
+        if not r.ok:
+            raise HostFailed(f"{what}: not after {timeout} s")
 
     def put(self, content: str | bytes, dest: str, *, owner: str = "root", group: str = "root",
             mode: str = "0644", validate: str | None = None) -> bool:
@@ -323,8 +435,8 @@ class HostSession:
         and the old file is put back if it fails. Returns whether anything changed."""
         data = content.encode() if isinstance(content, str) else content
         want_hash = hashlib.sha256(data).hexdigest()
-        q = shlex.quote(dest)
-        state = self.probe(f"stat -c '%U:%G:%a' {q} && sha256sum {q}")
+        qd = q(dest)
+        state = self.probe(f"stat -c '%U:%G:%a' {qd} && sha256sum {qd}")
         have_meta, have_hash = None, None
         if state.ok:
             lines = state.stdout.split("\n")
@@ -334,18 +446,19 @@ class HostSession:
             self.ok(dest)
             return False
         if have_hash == want_hash:
-            self.sh(f"chown {owner}:{group} {q} && chmod {mode} {q}", message=f"{dest}: owner/mode {want_meta}")
+            self.sh(f"chown {q(owner + ':' + group)} {qd} && chmod {q(mode)} {qd}",
+                    message=f"{dest}: owner/mode {want_meta}")
             return True
-        old = self.probe(f"cat {q}").stdout if state.ok else ""
+        old = self.probe(f"cat {qd}").stdout if state.ok else ""
         if self.run.check:
             self.changed(f"{dest} would be {'updated' if state.ok else 'created'}")
             self.run.report.diff(self.name, _diff(old, data, dest))
             return True
         tmp = f"{dest}.hastack-new"
-        qt = shlex.quote(tmp)
-        self._exec(f"mkdir -p $(dirname {q})")
+        qt = q(tmp)
+        self._exec(f"mkdir -p \"$(dirname {qd})\"")
         self.conn.put(io.BytesIO(data), tmp)
-        setup = self._exec(f"chown {owner}:{group} {qt} && chmod {mode} {qt}")
+        setup = self._exec(f"chown {q(owner + ':' + group)} {qt} && chmod {q(mode)} {qt}")
         if not setup.ok:
             self._exec(f"rm -f {qt}")
             raise HostFailed(_failure(f"chown/chmod {tmp}", setup))
@@ -360,15 +473,15 @@ class HostSession:
             backup = f"{dest}.hastack-old"
             had_old = state.ok
             if had_old:
-                self._exec(f"cp -a {q} {shlex.quote(backup)}")
+                self._exec(f"cp -a {qd} {q(backup)}")
             self._swap(tmp, dest)
             check = self._exec(validate)
             if not check.ok:
-                restore = f"mv -f {shlex.quote(backup)} {q}" if had_old else f"rm -f {q}"
+                restore = f"mv -f {q(backup)} {qd}" if had_old else f"rm -f {qd}"
                 self._exec(restore)
                 raise HostFailed(f"{dest}: new file rejected by `{validate}`, old file restored:\n"
                                  + (check.stderr or check.stdout).strip())
-            self._exec(f"rm -f {shlex.quote(backup)}")
+            self._exec(f"rm -f {q(backup)}")
         else:
             self._swap(tmp, dest)
         self.changed(f"{dest} {'updated' if state.ok else 'created'}")
@@ -376,7 +489,7 @@ class HostSession:
         return True
 
     def _swap(self, tmp: str, dest: str) -> None:
-        r = self._exec(f"mv -f {shlex.quote(tmp)} {shlex.quote(dest)}")
+        r = self._exec(f"mv -f {q(tmp)} {q(dest)}")
         if not r.ok:
             raise HostFailed(_failure(f"mv {tmp} {dest}", r))
 
@@ -388,24 +501,15 @@ class HostSession:
         return self.probe(cmd) if warn else self.sh(cmd)
 
     def exists(self, path: str) -> bool:
-        return files.exists(self.conn, shlex.quote(path), runner=self._runner)
+        return files.exists(self.conn, q(path), runner=self._runner)
 
     def directory(self, path: str, *, owner: str = "root", group: str = "root", mode: str = "0755") -> bool:
-        state = self.probe(f"stat -c '%U:%G:%a' {shlex.quote(path)}")
+        state = self.probe(f"stat -c '%U:%G:%a' {q(path)}")
         want = f"{owner}:{group}:{int(mode, 8):o}"
         if state.ok and state.stdout.strip() == want:
             self.ok(f"{path}/")
             return False
-        files.directory(self.conn, shlex.quote(path), user=owner, group=group, mode=mode, runner=self._runner)
-        return True
-
-    def line(self, path: str, text: str) -> bool:
-        """Make sure ``text`` is a whole line of ``path`` (a file we do not own
-        whole); append it otherwise."""
-        if self.exists(path) and files.contains(self.conn, path, text, exact=True, runner=self._runner):
-            self.ok(f"{path}: has line {text!r}")
-            return False
-        files.append(self.conn, path, text, runner=self._runner)
+        files.directory(self.conn, q(path), user=q(owner), group=q(group), mode=q(mode), runner=self._runner)
         return True
 
 
@@ -426,7 +530,15 @@ def _diff(old: str, new: bytes, dest: str) -> str:
 
 
 def _parse_hosts(spec: str, inv: Inventory) -> set[str]:
-    names = {h.strip() for h in spec.split(",") if h.strip()}
+    if not isinstance(spec, str):
+        raise UserError(f"--hosts must be comma-separated host names, not {spec!r}")
+    parts = [h.strip() for h in spec.split(",")]
+    if not any(parts):
+        raise UserError(f"--hosts {spec!r} names no host: give comma-separated inventory names "
+                        f"(known: {', '.join(inv.hosts)}), or leave --hosts out for every host")
+    if not all(parts):
+        raise UserError(f"--hosts {spec!r} has an empty name between commas")
+    names = set(parts)
     unknown = sorted(names - set(inv.hosts))
     if unknown:
         raise UserError(f"{inv.path}: --hosts names unknown host(s): {', '.join(unknown)} "

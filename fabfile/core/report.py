@@ -17,9 +17,9 @@ STYLE = {"ok": "green", "changed": "yellow", "failed": "bold red", "skipped": "d
 
 
 class Report:
-    def __init__(self, title: str, mask=lambda s: s, log_dir: Path = LOG_DIR):
+    def __init__(self, title: str, mask=lambda s: s, log_dir: Path = LOG_DIR, file=None):
         self.title = title
-        self.console = Console(highlight=False, soft_wrap=True)
+        self.console = Console(highlight=False, soft_wrap=True, file=file)
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self.changes: list[tuple[str, str]] = []
         self._mask = mask
@@ -73,6 +73,13 @@ class Report:
             style = "green" if line.startswith("+") else "red" if line.startswith("-") else "dim"
             self.console.print(f"    [{style}]{_escape(line)}[/]")
         self.log(f"[{host}] diff:\n{text}")
+
+    def table(self, table) -> None:
+        """A rich table; off a terminal (logs, CI, tests) at its full width, not 80 columns."""
+        if self.console.is_terminal:
+            self.console.print(table)
+        else:
+            Console(highlight=False, width=160, file=self.console.file).print(table)
 
     def error(self, message: str) -> None:
         self.console.print(f"[bold red]error:[/] {_escape(self._mask(message))}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import traceback
 from pathlib import Path
 
 from invoke import Context
@@ -23,7 +24,15 @@ CONFIG_DEFAULTS = {"inventory": DEFAULT_INVENTORY, "check": False}
 def inventory_path(c: Context) -> Path:
     """The inventory chosen through invoke's config: `inventory:` in invoke.yaml,
     `inv -f FILE`, or the INVOKE_INVENTORY environment variable."""
-    path = Path(c.config.get("inventory") or DEFAULT_INVENTORY).expanduser()
+    value = c.config.get("inventory")
+    if value is None or value == "":
+        value = DEFAULT_INVENTORY
+    if not isinstance(value, str):
+        raise UserError(f"invoke config: 'inventory' must be the path of one inventory file, "
+                        f"not a {type(value).__name__} ({value!r})")
+    if "\0" in value:
+        raise UserError("invoke config: 'inventory' holds a NUL character")
+    path = Path(value).expanduser()
     if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
         path = PROJECT_ROOT / path
     return path
@@ -31,6 +40,17 @@ def inventory_path(c: Context) -> Path:
 
 def load_inventory(c: Context) -> Inventory:
     return load(inventory_path(c))
+
+
+def check_mode(c: Context, flag) -> bool:
+    """--check, or `check: true` in invoke's config (INVOKE_CHECK=1); anything
+    else than a boolean there is an error."""
+    value = c.config.get("check", False)
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        value = value.strip().lower() in ("1", "true", "yes", "on")
+    if not isinstance(value, bool):
+        raise UserError(f"invoke config: 'check' must be true or false, not {value!r}")
+    return bool(flag) or value
 
 
 def task(*args, **kwargs):
@@ -78,8 +98,8 @@ def runbook(*args, **kwargs):
 
         @functools.wraps(body)
         def wrapper(c, *a, hosts=None, check=False, **kw):
-            check = bool(check or c.config.get("check"))
             try:
+                check = check_mode(c, check)
                 run = Run(load_inventory(c), title=_task_title(body), only=hosts, check=check)
             except UserError as exc:
                 raise Exit(f"error: {exc}", code=1) from None
@@ -90,6 +110,15 @@ def runbook(*args, **kwargs):
                 run.report.recap()
                 run.close()
                 raise Exit(code=1) from None
+            except (Exit, KeyboardInterrupt):
+                run.close()
+                raise
+            except Exception as exc:  # a bug: one line for the operator, the traceback in the log
+                run.report.log(traceback.format_exc())
+                run.report.error(f"internal error in {_task_title(body)}: {type(exc).__name__}: {exc} "
+                                 f"(traceback in {run.report.log_path})")
+                run.close()
+                raise Exit(code=2) from None
             run.report.recap()
             run.close()
             if run.report.failed:
@@ -98,6 +127,7 @@ def runbook(*args, **kwargs):
 
         wrapper.__signature__ = sig.replace(parameters=[ctx_param, *params])
         del wrapper.__wrapped__
+        wrapper.runbook = body  # the body, for tests that drive it with a recording Run
         kwargs["help"] = {**COMMON_HELP, **kwargs.get("help", {})}
         kwargs.setdefault("auto_shortflags", False)
         return invoke_task(**kwargs)(wrapper)

@@ -3,7 +3,6 @@ named after the path it lands on (configs/<tier>/<path>.j2)."""
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +43,6 @@ def template_names() -> list[str]:
     return sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.j2"))
 
 
-def tier_vars(tier: str, inv: Inventory, host: str, secret) -> dict[str, Any]:
-    """The variables a tier's templates see beyond the standard ones: the tier
-    module may define ``template_vars(inv, host, secret) -> dict``."""
-    try:
-        module = importlib.import_module(f"fabfile.{tier}")
-    except ModuleNotFoundError:
-        return {}
-    fn = getattr(module, "template_vars", None)
-    return fn(inv, host, secret) if fn else {}
-
-
 def context(inv: Inventory, host: str, secret, **extra) -> dict[str, Any]:
     return {
         "inv": inv,
@@ -68,9 +56,15 @@ def context(inv: Inventory, host: str, secret, **extra) -> dict[str, Any]:
     }
 
 
-def render(name: str, inv: Inventory, host: str, secret, **extra) -> str:
-    """Render configs/<name> for ``host`` with the standard context, the tier's
-    template_vars, and ``extra``."""
-    tier = name.split("/", 1)[0]
-    ctx = context(inv, host, secret, **tier_vars(tier, inv, host, secret), **extra)
-    return _ENV.get_template(name).render(ctx)
+def render(name: str, inv: Inventory, host: str, secret, **vars) -> str:
+    """Render configs/<name> for ``host`` with the standard context and the
+    variables the tier hands over (``vars``): templates see nothing else."""
+    return _ENV.get_template(name).render(context(inv, host, secret, **vars))
+
+
+def static(name: str) -> str:
+    """configs/<name>: a file that lands on hosts as it is (no template)."""
+    path = CONFIGS / name
+    if not path.is_file() or path.suffix == ".j2":
+        raise FileNotFoundError(f"configs/{name}: no such static file")
+    return path.read_text()

@@ -152,8 +152,8 @@ CASES = [
      "hosts have role galera but the inventory has no 'mail' section"),
     ("unknown Galera flavour", _set("mail.galera_flavour", "mysql"), "mail.galera_flavour",
      "Input should be 'percona' or 'mariadb' (got 'mysql')"),
-    ("bad domain", _set("site.domain", "not a domain"), "site.domain", "'not a domain' is not valid here"),
-    ("bad apt proxy", _set("site.apt_proxy", "10.0.0.1:3142"), "site.apt_proxy", "'10.0.0.1:3142' is not valid here"),
+    ("bad domain", _set("site.domain", "not a domain"), "site.domain", "'not a domain' is not valid here (a DNS name such as example.com)"),
+    ("bad apt proxy", _set("site.apt_proxy", "10.0.0.1:3142"), "site.apt_proxy", "'10.0.0.1:3142' is not valid here (an http(s):// URL)"),
     ("port out of range", _set("ssh", {"port": 70000}), "ssh.port",
      "Input should be less than or equal to 65535 (got 70000)"),
 ]

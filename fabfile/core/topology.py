@@ -1,0 +1,214 @@
+"""Facts of the site that more than one tier needs, derived once from the
+inventory: who runs what, on which address and port, with which database
+accounts, which files and units are shared. Tiers read them here instead of
+importing each other; only `fabfile/deploy.py` knows every tier.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .inventory import Inventory
+from .shell import q
+
+# --- roles ----------------------------------------------------------------------------
+
+WEBMAIL, MAIL_BACKEND, GALERA = "webmail", "mail_backend", "galera"
+EJABBERD, PG_PRIMARY, PG_REPLICA = "ejabberd", "postgres_primary", "postgres_replica"
+GATEWAY, BACKUP, MONITORING, SPARE = "gateway", "backup", "monitoring", "spare"
+
+# --- the site CA and host certificates (pki tier) ---------------------------------------
+
+PKI_DIR = "/etc/ssl/hastack"
+CA_FILE = f"{PKI_DIR}/ca.crt"
+
+
+def cert_path(host: str) -> str:
+    return f"{PKI_DIR}/{host}.crt"
+
+
+def key_path(host: str) -> str:
+    return f"{PKI_DIR}/{host}.key"
+
+
+# --- PostgreSQL (XMPP service) --------------------------------------------------------------
+
+PG_VERSION = "15"
+XMPP_DB = "ejabberd"  # the database and its owner role, used by ejabberd
+XMPP_DB_USER = "ejabberd"
+XMPP_DB_SECRET = "postgres_ejabberd_password"
+PG_PORT = 5432
+
+
+def pg_primary(inv: Inventory) -> str:
+    hosts = inv.with_role(PG_PRIMARY)
+    if len(hosts) != 1:
+        raise UserError(f"{inv.path}: role {PG_PRIMARY} needs exactly 1 host (found {len(hosts)})")
+    return hosts[0]
+
+
+def pg_replicas(inv: Inventory) -> list[str]:
+    return inv.with_role(PG_REPLICA)
+
+
+def pg_hosts(inv: Inventory) -> list[str]:
+    return inv.with_role(PG_PRIMARY, PG_REPLICA)
+
+
+# --- ejabberd ----------------------------------------------------------------------------
+
+
+def ejabberd_nodes(inv: Inventory) -> list[str]:
+    return inv.with_role(EJABBERD)
+
+
+def xmpp_domain(inv: Inventory) -> str:
+    if inv.xmpp is None:
+        raise UserError(f"{inv.path}: the inventory has no 'xmpp' section")
+    return inv.xmpp.domain
+
+
+# --- the mail cluster: Galera, the DB proxy, Pacemaker, the mail store ------------------
+
+MAIL_DB = "postfix"  # Postfixadmin's schema, read by postfix and dovecot
+ROUNDCUBE_DB = "roundcube"
+DATABASES = (MAIL_DB, ROUNDCUBE_DB)
+MAIL_STORE = "/var/vmail"  # the DRBD mountpoint in production
+VMAIL_USER = "vmail"
+VMAIL_UID = 5000  # the same on every back end: they share the mail store
+GALERA_CHECK_PORT = 9200  # the Galera-aware health check the DB proxy asks
+DB_PROXY_PORTS = {"haproxy": 3306, "proxysql": 6033}
+FENCE_LAB_PORT = 1229  # the lab's power listener (fabfile/lab/power.py)
+FENCE_LAB_SECRET = "fence_lab_secret"
+
+
+def galera_nodes(inv: Inventory) -> list[str]:
+    return inv.with_role(GALERA)
+
+
+def galera_address(inv: Inventory, host: str) -> str:
+    """The address a Galera node talks to its peers and clients on."""
+    return inv.service_address(host)
+
+
+def cluster_nodes(inv: Inventory) -> list[str]:
+    """The Pacemaker/Corosync nodes: the mail back ends."""
+    return inv.with_role(MAIL_BACKEND)
+
+
+def ring_address(inv: Inventory, host: str) -> str:
+    """Corosync's (and DRBD's) address of a node: on the mail VIP's network, else its service address."""
+    vip = inv.vips.get("mail")
+    addrs = inv.hosts[host].addresses
+    if vip is not None and vip.network in addrs:
+        return str(addrs[vip.network])
+    return inv.service_address(host)
+
+
+def db_proxy_kind(inv: Inventory) -> str:
+    return inv.mail.db_proxy if inv.mail else "proxysql"
+
+
+def db_proxy_port(inv: Inventory) -> int:
+    return DB_PROXY_PORTS[db_proxy_kind(inv)]
+
+
+def db_proxy_hosts(inv: Inventory) -> list[str]:
+    """Where the proxy runs: the hosts that carry the dbproxy VIP (mail_backend)."""
+    vip = inv.vips.get("dbproxy")
+    return inv.with_role(vip.role if vip else MAIL_BACKEND)
+
+
+def db_proxy_binds(inv: Inventory, host: str) -> list[str]:
+    """What the proxy on ``host`` listens on: its own address on the dbproxy VIP's
+    network and the VIP (non-local bind), so it serves before and after
+    Pacemaker moves the VIP; without a VIP its service address."""
+    vip = inv.vips.get("dbproxy")
+    addrs = inv.hosts[host].addresses
+    if vip is not None and vip.network in addrs:
+        return [str(addrs[vip.network]), str(vip.address)]
+    return [inv.service_address(host)]
+
+
+def db_proxy_addresses(inv: Inventory, host: str) -> list[str]:
+    """Where a back end reaches the database proxy: the dbproxy VIP (where
+    Pacemaker runs the proxy, maybe on another node) first, then the host's own
+    address on that network (the proxy binds it too; before the cluster exists
+    the proxy runs on every back end and the VIP is nowhere)."""
+    binds = db_proxy_binds(inv, host)
+    return list(dict.fromkeys(binds[1:] + binds[:1]))
+
+
+def client_addresses(inv: Inventory, roles: tuple[str, ...]) -> list[str]:
+    """The addresses hosts with ``roles`` connect to the Galera nodes from."""
+    galera = galera_nodes(inv)
+    out: list[str] = []
+    for host in inv.with_role(*roles):
+        for cidr in (inv.peer_addresses(host, galera[0]) if galera else []):
+            addr = cidr.split("/")[0]
+            if addr not in out:
+                out.append(addr)
+    return out
+
+
+APP_PRIVS = ("SELECT", "INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER", "INDEX")
+
+
+@dataclass(frozen=True)
+class Account:
+    """A MySQL account of the mail cluster: who connects from where, with what."""
+
+    user: str
+    hosts: tuple[str, ...]
+    secret: str  # name of the generated secret holding its password
+    grants: dict[str, tuple[str, ...]] = field(default_factory=dict)  # schema ("*" = global) -> privileges
+    why: str = ""
+
+
+def db_accounts(inv: Inventory) -> list[Account]:
+    """Every MySQL account of the mail cluster, with the hosts it may connect from.
+    The mail tier's clients go through the DB proxy, so the database sees the
+    proxy hosts (mail_backend); Roundcube may also connect from the webmail hosts."""
+    backends = tuple(client_addresses(inv, (MAIL_BACKEND,)))
+    webmail = tuple(client_addresses(inv, (WEBMAIL,)))
+    out = []
+    if inv.mail is not None and inv.mail.galera_flavour == "mariadb":  # PXC 8.0 manages its own SST user
+        out.append(Account("sst", ("localhost",), "pxc_sst_password",
+                           {"*": ("RELOAD", "PROCESS", "LOCK TABLES", "BINLOG MONITOR")},
+                           "mariabackup SST on the donor"))
+    out += [
+        Account("monitor", ("localhost", *backends), "pxc_monitor_password", {},
+                "health checks (galera-check, ProxySQL monitor): no privileges"),
+        Account("postfixadmin", backends, "mail_db_postfixadmin", {MAIL_DB: APP_PRIVS},
+                "Postfixadmin owns the postfix schema"),
+        Account("postfix", backends, "mail_db_postfix", {MAIL_DB: ("SELECT",)}, "postfix lookups"),
+        Account("dovecot", backends, "mail_db_dovecot", {MAIL_DB: ("SELECT",)}, "dovecot passdb/userdb"),
+        Account("roundcube", tuple(dict.fromkeys(backends + webmail)), "mail_db_roundcube",
+                {ROUNDCUBE_DB: APP_PRIVS}, "Roundcube's own schema"),
+    ]
+    return out
+
+
+def account_secret(inv: Inventory, user: str) -> str:
+    """The name of the secret holding a mail-cluster MySQL account's password."""
+    for a in db_accounts(inv):
+        if a.user == user:
+            return a.secret
+    raise KeyError(user)
+
+
+def pacemaker_owns(h, resource: str) -> bool:
+    """Whether Pacemaker owns ``resource`` on this host's cluster: the tiers that
+    configure its unit must then leave the unit alone (no enable, no start;
+    reload only where it runs). ``h`` is a HostSession; answered once per run."""
+    def ask() -> bool:
+        return h.probe(f"command -v crm_resource >/dev/null && crm_resource --resource {q(resource)} "
+                       "--query-xml >/dev/null 2>&1").ok
+    return h.memo(("pacemaker_owns", resource), ask)
+
+
+def slot_name(host: str) -> str:
+    """A replica's physical replication slot: [a-z0-9_] only."""
+    return "replica_" + re.sub(r"[^a-z0-9_]", "_", host.lower())
