@@ -7,7 +7,7 @@ role needs (forwarding on the gateway, non-local bind on VIP holders).
 
 from invoke import Collection
 
-from .core import HostSession, Run, runbook
+from .core import HostSession, Run, q, runbook
 
 PACKAGES = [
     "ca-certificates", "curl", "gnupg", "iproute2", "iptables", "netcat-openbsd",
@@ -20,19 +20,11 @@ SYSCTL_FILE = "/etc/sysctl.d/60-hastack.conf"
 def template_vars(inv, host, secret):
     me = inv.hosts[host]
     return {
-        "host_entries": [(name, service_address(inv, name)) for name in inv.hosts],
+        "host_entries": [(name, inv.service_address(name)) for name in inv.hosts],
         "vip_entries": [(str(v.address), v.names) for v in inv.vips.values() if v.names],
         "forwarding": "gateway" in me.roles,
         "nonlocal_bind": any(set(me.roles) & {v.role} for v in inv.vips.values()),
     }
-
-
-def service_address(inv, name: str) -> str:
-    """The address a host's services answer on: its first address outside the
-    management network, or its management address when it has no other."""
-    mgmt = inv.management_network
-    addresses = inv.hosts[name].addresses
-    return str(next((a for net, a in addresses.items() if net != mgmt), addresses[mgmt]))
 
 
 def converge(run: Run) -> None:
@@ -42,15 +34,15 @@ def converge(run: Run) -> None:
 
 
 def _identity(h: HostSession) -> None:
-    if h.template("base/etc/hostname.j2", "/etc/hostname"):
-        h.sh(f"hostname {h.name}", message=f"hostname {h.name}")
-    h.template("base/etc/hosts.j2", "/etc/hosts")
+    if h.template("base/etc/hostname.j2", "/etc/hostname", h.tier_vars(template_vars)):
+        h.sh(f"hostname {q(h.name)}", message=f"hostname {h.name}")
+    h.template("base/etc/hosts.j2", "/etc/hosts", h.tier_vars(template_vars))
 
 
 def _packages(h: HostSession) -> None:
     proxy = "/etc/apt/apt.conf.d/01proxy"
     if h.inv.site.apt_proxy:
-        h.template("base/etc/apt/apt.conf.d/01proxy.j2", proxy)
+        h.template("base/etc/apt/apt.conf.d/01proxy.j2", proxy, h.tier_vars(template_vars))
     else:
         h.ensure(f"test ! -e {proxy}", f"rm -f {proxy}", f"no apt proxy ({proxy} absent)")
     h.packages(PACKAGES)
@@ -58,12 +50,12 @@ def _packages(h: HostSession) -> None:
 
 def _time_and_sysctl(h: HostSession) -> None:
     zone = h.inv.site.timezone
-    h.template("base/etc/timezone.j2", "/etc/timezone")
-    h.ensure(f'[ "$(readlink /etc/localtime)" = /usr/share/zoneinfo/{zone} ]',
-             f"ln -sfn /usr/share/zoneinfo/{zone} /etc/localtime", f"time zone {zone}")
+    target = q(f"/usr/share/zoneinfo/{zone}")
+    h.template("base/etc/timezone.j2", "/etc/timezone", h.tier_vars(template_vars))
+    h.ensure(f'[ "$(readlink /etc/localtime)" = {target} ]', f"ln -sfn {target} /etc/localtime", f"time zone {zone}")
     # timesyncd skips itself in containers (the machine keeps their clock).
     h.service("systemd-timesyncd")
-    h.template("base/etc/sysctl.d/60-hastack.conf.j2", SYSCTL_FILE)
+    h.template("base/etc/sysctl.d/60-hastack.conf.j2", SYSCTL_FILE, h.tier_vars(template_vars))
     # The live values, not only the file: someone may have changed them by hand.
     live = (f"grep -E '^[a-z]' {SYSCTL_FILE} | while IFS=' =' read -r key value; do "
             '[ "$(sysctl -n "$key")" = "$value" ] || exit 1; done')

@@ -1,6 +1,6 @@
 """Deploy whole systems: each tier in the order the systems need.
 
-Order: the tiers every host gets (base -> gateway -> firewall -> pki), then the
+Order: the tiers every host gets (base -> firewall -> gateway -> pki), then the
 XMPP service and the mail cluster, each only when the inventory describes it.
 Each tier module has `converge(run)`; a new tier adds itself to one list here.
 """
@@ -13,7 +13,7 @@ from . import dbproxy, mail, pxc
 from . import cluster, drbd
 from .core import runbook
 
-COMMON = [base, gateway, firewall, pki]
+COMMON = [base, firewall, gateway, pki]  # the gateway forwards once its FORWARD chain is in place
 XMPP = [postgres, ejabberd, keepalived]
 MAIL = [pxc, dbproxy, mail, drbd, cluster]  # galera -> database proxy -> mail services (vmail uid first) -> storage and cluster
 
@@ -35,7 +35,7 @@ def all(run):
 
 @runbook
 def common(run):
-    """Only the tiers every host gets: base, gateway, firewall, pki."""
+    """Only the tiers every host gets: base, firewall, gateway, pki."""
     _converge(run, COMMON)
 
 

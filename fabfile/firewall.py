@@ -14,8 +14,9 @@ Runbook:
    flush-then-add, so a host is never half-filtered and SSH never drops).
 5. Enable netfilter-persistent, which loads both files at boot.
 
-What each role accepts is the table ``TABLE`` below (role -> port/proto/from),
-read like the seeds' port lists; the template only formats it. Every host also
+What each role accepts is the site's flow table (``fabfile/core/flows.py``:
+role -> port/proto/from, read like the seeds' port lists); the template only
+formats it. Every host also
 accepts loopback, ESTABLISHED/RELATED, ICMP echo and SSH from the management
 network. IPv6 has no management: inbound is dropped except loopback,
 ESTABLISHED/RELATED and ICMPv6 neighbour discovery. The gateway's FORWARD
@@ -28,12 +29,10 @@ import ipaddress
 import re
 import shlex
 from dataclasses import dataclass
-from typing import Callable, Iterable, Union
 
 from invoke import Collection
 
-from .core import HostSession, Run, UserError, runbook
-from .core import templates
+from .core import HostSession, Run, UserError, flows, q, runbook, templates
 from .core.inventory import Inventory
 
 RULES_V4 = "/etc/iptables/rules.v4"
@@ -42,227 +41,23 @@ TEMPLATE_V4 = "firewall/etc/iptables/rules.v4.j2"
 TEMPLATE_V6 = "firewall/etc/iptables/rules.v6.j2"
 PACKAGES = ["iptables", "iptables-persistent", "netfilter-persistent", "netbase"]
 # Answered before the install, so the package does not save the running rules.
-PRESEED = (
-    "iptables-persistent iptables-persistent/autosave_v4 boolean false\n"
-    "iptables-persistent iptables-persistent/autosave_v6 boolean false\n"
-)
-
-# --- the rule table --------------------------------------------------------------
-#
-# Sources: a tuple of roles (those hosts' addresses on the network they share
-# with the target host, or, across the gateway, their own segment address), or
-# one of these:
-ANYONE = "anyone"  # no source restriction (public service ports)
-MGMT = "management network"  # the inventory's management CIDR
-LOCAL_NETS = "local networks"  # every non-management network the target host is on
-
-Ports = Union[str, Callable[[Inventory], str]]
-
-
-@dataclass(frozen=True)
-class Allow:
-    """One row: a host with the role accepts ``proto``/``ports`` from ``sources``."""
-
-    proto: str  # tcp, udp, icmp, vrrp
-    ports: Ports = ""  # "22", "4200:4210", "5222,5223"; "" = any port / no ports
-    sources: tuple[str, ...] | str = ANYONE
-    why: str = ""  # becomes the rule's iptables comment
-    to_vip: str | None = None  # only to this VIP (inventory name), if the inventory has it
-    when: Callable[[Inventory], bool] | None = None  # only for inventories where this holds
-
-
-def _ssh_port(inv: Inventory) -> str:
-    return str(inv.ssh.port)
-
-
-def _db_proxy_port(inv: Inventory) -> str:
-    return {"proxysql": "6033", "haproxy": "3306"}[inv.mail.db_proxy] if inv.mail else "6033"
-
-
-def _haproxy(inv: Inventory) -> bool:
-    return inv.mail is not None and inv.mail.db_proxy == "haproxy"
-
-
-def _drbd(inv: Inventory) -> bool:
-    return inv.mail is not None and inv.mail.storage == "drbd"
-
-
-# Hosts that carry a Bacula file daemon, and hosts with a node exporter (seed 004).
-BACULA_CLIENTS = ("ejabberd", "postgres_primary", "postgres_replica", "monitoring")
-POSTGRES = ("postgres_primary", "postgres_replica")
-
-EVERY_HOST: list[Allow] = [
-    Allow("icmp", "echo-request", ANYONE, "ping"),
-    Allow("tcp", _ssh_port, MGMT, "SSH from the management network"),
+PRESEED = [
+    "iptables-persistent iptables-persistent/autosave_v4 boolean false",
+    "iptables-persistent iptables-persistent/autosave_v6 boolean false",
 ]
 
-TABLE: dict[str, list[Allow]] = {
-    # --- XMPP service (seed 004) ----------------------------------------------
-    "ejabberd": [
-        Allow("tcp", "5222,5223,5269,5280,5443,1883", ANYONE,
-              "ejabberd c2s, c2s TLS, s2s, HTTP, HTTPS, MQTT"),
-        Allow("tcp", "4369", ("ejabberd",), "Erlang epmd, cluster nodes only"),
-        Allow("tcp", "4200:4210", ("ejabberd",), "Erlang distribution FIREWALL_WINDOW, cluster nodes only"),
-        Allow("vrrp", "", ("ejabberd",), "keepalived VRRP between the xmpp VIP peers"),
-        Allow("tcp", "9100", ("monitoring",), "node exporter"),
-        Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
-    ],
-    "postgres_primary": [
-        Allow("tcp", "5432", ("ejabberd", "postgres_replica"), "PostgreSQL from ejabberd and the replica"),
-        Allow("tcp", "9100", ("monitoring",), "node exporter"),
-        Allow("tcp", "9187", ("monitoring",), "postgres exporter"),
-        Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
-    ],
-    "postgres_replica": [
-        # ejabberd too: after a promotion this host is the one ejabberd uses.
-        Allow("tcp", "5432", ("ejabberd", "postgres_primary"), "PostgreSQL from ejabberd and the primary"),
-        Allow("tcp", "9100", ("monitoring",), "node exporter"),
-        Allow("tcp", "9187", ("monitoring",), "postgres exporter"),
-        Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
-    ],
-    "gateway": [
-        Allow("tcp", "9100", ("monitoring",), "node exporter"),
-    ],
-    "backup": [
-        Allow("tcp", "9101", BACULA_CLIENTS, "bacula-dir from its clients"),
-        Allow("tcp", "9103", BACULA_CLIENTS, "bacula-sd from its clients"),
-        Allow("tcp", "2049", POSTGRES, "NFSv4 WAL archive and base backups"),
-        Allow("tcp", "9100", ("monitoring",), "node exporter"),
-    ],
-    "monitoring": [
-        Allow("tcp", "3000,9090", MGMT, "Grafana and Prometheus for the operators"),
-        Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
-    ],
-    "spare": [],
-    # --- mail cluster (seed 000) ----------------------------------------------
-    "webmail": [
-        Allow("tcp", "80,443", LOCAL_NETS, "Roundcube"),
-        Allow("vrrp", "", ("webmail",), "keepalived VRRP between the webmail VIP peers"),
-    ],
-    "mail_backend": [
-        Allow("tcp", "25,587,143,993", LOCAL_NETS, "SMTP, submission, IMAP, IMAPS"),
-        Allow("tcp", "80,443", LOCAL_NETS, "Postfixadmin"),
-        Allow("tcp", _db_proxy_port, ("webmail", "mail_backend"), "database proxy on the dbproxy VIP",
-              to_vip="dbproxy"),
-        Allow("udp", "5404:5406", ("mail_backend",), "corosync"),
-        Allow("tcp", "2224", ("mail_backend",), "pcsd"),
-        Allow("tcp", "7788:7799", ("mail_backend",), "DRBD replication", when=_drbd),
-    ],
-    "galera": [
-        Allow("tcp", "3306,4444,4567,4568", ("galera",), "Galera: MySQL, SST, replication, IST"),
-        Allow("tcp", "3306", ("mail_backend", "webmail"), "MySQL from the DB proxy and Roundcube"),
-        Allow("tcp", "9200", ("mail_backend",), "Galera health check for HAProxy", when=_haproxy),
-    ],
-}
-
-# --- compiling the table into rules ----------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One iptables rule; the template formats it in iptables-save's own order,
-    so the live table can be compared with the file."""
-
-    chain: str
-    proto: str
-    ports: str = ""
-    src: str | None = None
-    dst: str | None = None
-    comment: str = ""
-    target: str = "ACCEPT"
-
-    @property
-    def multiport(self) -> bool:
-        return "," in self.ports
-
-    @property
-    def icmp_type(self) -> str:
-        return {"echo-request": "8", "": ""}.get(self.ports, self.ports)
-
-
-def _cidr(address) -> str:
-    return f"{address}/32"
-
-
-def non_management(inv: Inventory, host: str) -> dict[str, ipaddress.IPv4Address]:
-    mgmt = inv.management_network
-    return {net: a for net, a in inv.hosts[host].addresses.items() if net != mgmt}
-
-
-def peer_addresses(inv: Inventory, src: str, target: str) -> list[str]:
-    """The addresses ``src`` talks to ``target`` from: its address on a
-    (non-management) network they share; across the gateway its own segment
-    address(es); the management address for a host with no other."""
-    mine, theirs = non_management(inv, src), non_management(inv, target)
-    shared = [a for net, a in mine.items() if net in theirs]
-    if shared:
-        return [_cidr(a) for a in shared]
-    if mine:
-        return [_cidr(a) for a in mine.values()]
-    return [_cidr(inv.management_address(src))]
-
-
-def allowed_sources(inv: Inventory, target: str, allow: Allow) -> list[str | None]:
-    """Source CIDRs of a row for one target host (None = anyone)."""
-    if allow.sources == ANYONE:
-        return [None]
-    if allow.sources == MGMT:
-        return [str(inv.networks[inv.management_network].cidr)]
-    if allow.sources == LOCAL_NETS:
-        nets = non_management(inv, target) or {inv.management_network: None}
-        return [str(inv.networks[net].cidr) for net in nets]
-    out: list[str | None] = []
-    for src in inv.with_role(*allow.sources):
-        if src != target:
-            out += [a for a in peer_addresses(inv, src, target) if a not in out]
-    return out
-
-
-def resolve_ports(inv: Inventory, allow: Allow) -> str:
-    return allow.ports(inv) if callable(allow.ports) else allow.ports
-
-
-def rows(inv: Inventory, host: str, table: dict[str, list[Allow]] | None = None,
-         every_host: Iterable[Allow] | None = None) -> list[Allow]:
-    """The rows that apply to ``host``: every host's, then each of its roles'."""
-    table = TABLE if table is None else table
-    out = list(EVERY_HOST if every_host is None else every_host)
-    for role in inv.hosts[host].roles:
-        out += [a for a in table.get(role, []) if a.when is None or a.when(inv)]
-    return out
-
-
-def input_rules(inv: Inventory, host: str, table: dict[str, list[Allow]] | None = None,
-                every_host: Iterable[Allow] | None = None) -> list[Rule]:
-    rules: list[Rule] = []
-    for allow in rows(inv, host, table, every_host):
-        dst = None
-        if allow.to_vip and allow.to_vip in inv.vips:
-            dst = _cidr(inv.vips[allow.to_vip].address)
-        for src in allowed_sources(inv, host, allow):
-            rule = Rule("INPUT", allow.proto, resolve_ports(inv, allow), src, dst, allow.why)
-            if rule not in rules:
-                rules.append(rule)
-    return rules
-
-
-def ruleset(inv: Inventory, host: str, table: dict[str, list[Allow]] | None = None,
-            every_host: Iterable[Allow] | None = None) -> dict[str, list[Rule]]:
-    from . import gateway  # the gateway's FORWARD chain is derived from the same table
-
-    return {
-        "input": input_rules(inv, host, table, every_host),
-        "forward": gateway.forward_rules(inv, host, table),
-    }
-
-
 def template_vars(inv: Inventory, host: str, secret) -> dict:
-    rs = ruleset(inv, host)
+    rs = flows.ruleset(inv, host)
     return {"input_rules": rs["input"], "forward_rules": rs["forward"], "roles": inv.hosts[host].roles}
 
 
-def render_v4(inv: Inventory, host: str, secret, **extra) -> str:
-    return templates.render(TEMPLATE_V4, inv, host, secret, **extra)
+def render_v4(inv: Inventory, host: str, secret) -> str:
+    return templates.render(TEMPLATE_V4, inv, host, secret, **template_vars(inv, host, secret))
+
+
+def _v4(run: Run, host: str) -> str:
+    """rules.v4 of ``host``, rendered once per run (the preflight and the step share it)."""
+    return run.memo(("rules.v4", host), lambda: render_v4(run.inv, host, run.secret))
 
 
 # --- the SSH lock-out guard ------------------------------------------------------
@@ -420,7 +215,7 @@ def preflight(run: Run, hosts: list[str]) -> None:
     problems = []
     for host in hosts:
         try:
-            check_ssh_kept(render_v4(run.inv, host, run.secret), run.inv, host)
+            check_ssh_kept(_v4(run, host), run.inv, host)
         except UserError as exc:
             problems.append(str(exc))
     if problems:
@@ -429,18 +224,14 @@ def preflight(run: Run, hosts: list[str]) -> None:
 
 def install(h: HostSession) -> None:
     """iptables-persistent, preseeded so that installing it saves nothing."""
-    listed = h.probe("dpkg-query -W -f='${db:Status-Status}' iptables-persistent")
-    if listed.stdout.strip() != "installed":
-        h.sh("debconf-set-selections", stdin=PRESEED,
-             message="preseed iptables-persistent: do not save the running rules")
-    h.packages(PACKAGES)
+    h.packages(PACKAGES, preseed=PRESEED)
 
 
 def apply_rules(h: HostSession) -> None:
     """Put rules.v4/rules.v6 (validated) and make the live tables match them."""
-    v4 = render_v4(h.inv, h.name, h.run.secret)
+    v4 = _v4(h.run, h.name)
     check_ssh_kept(v4, h.inv, h.name)
-    v6 = templates.render(TEMPLATE_V6, h.inv, h.name, h.run.secret)
+    v6 = templates.render(TEMPLATE_V6, h.inv, h.name, h.run.secret, **h.tier_vars(template_vars))
     h.directory("/etc/iptables")
     h.put(v4, RULES_V4, mode="0640", validate="iptables-restore --test {}")
     h.put(v6, RULES_V6, mode="0640", validate="ip6tables-restore --test {}")
@@ -454,7 +245,7 @@ def _load(h: HostSession, tool: str, path: str, text: str) -> None:
     if live.ok and canonical(live.stdout) == canonical(text):
         h.ok(f"live {tool} filter table matches {path}")
         return
-    h.sh(f"{tool}-restore {path}", message=f"load {path} ({tool}-restore: one atomic swap of the filter table)")
+    h.sh(f"{tool}-restore {q(path)}", message=f"load {path} ({tool}-restore: one atomic swap of the filter table)")
 
 
 _COUNTERS = re.compile(r"\s*\[\d+:\d+\]$")

@@ -31,7 +31,6 @@ import datetime as dt
 import io
 import ipaddress
 import os
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +41,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from invoke import Collection
 
-from .core import HostFailed, HostSession, Run, UserError, load_inventory, runbook, task
+from .core import HostFailed, HostSession, Run, UserError, load_inventory, q, runbook, task
 from .core.inventory import Inventory
 from .core.secrets import Secrets
+from .core.topology import CA_FILE, PKI_DIR as DIR, cert_path, key_path
 
 CA_KEY_SECRET = "pki_ca_key"
 CA_CERT_SECRET = "pki_ca_cert"
@@ -54,21 +54,11 @@ RENEW_DAYS = 30          # re-issue a host certificate this close to its expiry
 CA_WARN_DAYS = 365       # warn when the CA itself gets this close to its expiry
 BACKDATE = dt.timedelta(hours=1)  # not_valid_before in the past: hosts' clocks may lag
 
-DIR = "/etc/ssl/hastack"
-CA_FILE = f"{DIR}/ca.crt"
 TRUST_FILE = "/usr/local/share/ca-certificates/hastack-ca.crt"
 TRUST_LINK = "/etc/ssl/certs/hastack-ca.pem"  # what update-ca-certificates makes of TRUST_FILE
 KEY_OWNER, KEY_GROUP, KEY_MODE = "root", "ssl-cert", "0640"
 PACKAGES = ["ca-certificates", "openssl", "ssl-cert"]
 GENKEY = "openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256"
-
-
-def cert_path(host: str) -> str:
-    return f"{DIR}/{host}.crt"
-
-
-def key_path(host: str) -> str:
-    return f"{DIR}/{host}.key"
 
 
 def _utcnow() -> dt.datetime:
@@ -382,7 +372,7 @@ def _trust(h: HostSession, ca: CA) -> None:
 
 def _host_cert(h: HostSession, ca: CA, *, renew: bool = False) -> None:
     crt, key = cert_path(h.name), key_path(h.name)
-    qc, qk = shlex.quote(crt), shlex.quote(key)
+    qc, qk = q(crt), q(key)
     want = Sans.for_host(h.inv, h.name)
     pub = h.probe(f"openssl pkey -in {qk} -pubout")
     public_key_pem = pub.stdout if pub.ok and "PUBLIC KEY" in pub.stdout else None
@@ -406,7 +396,7 @@ def _host_cert(h: HostSession, ca: CA, *, renew: bool = False) -> None:
         h.changed(f"would issue {crt} ({why}){' with a new key' if new_key else ''}: {want.describe()}")
         return
     if new_key:
-        qn = shlex.quote(key + ".hastack-new")
+        qn = q(key + ".hastack-new")
         h.sh(f"umask 077 && {GENKEY} -out {qn} && chown {KEY_OWNER}:{KEY_GROUP} {qn} && chmod {KEY_MODE} {qn}",
              message=f"generate a new EC P-256 key for {key} (on the host)")
         public_key_pem = h.read(f"openssl pkey -in {qn} -pubout")
@@ -418,10 +408,10 @@ def _host_cert(h: HostSession, ca: CA, *, renew: bool = False) -> None:
         h.conn.put(io.BytesIO(pem.encode()), crt + ".hastack-new")
     except (OSError, EOFError) as exc:
         raise HostFailed(f"upload of {crt}.hastack-new failed: {exc}") from None
-    tmp = shlex.quote(crt + ".hastack-new")
+    tmp = q(crt + ".hastack-new")
     install = f"chown root:root {tmp} && chmod 0644 {tmp}"
     if new_key:
-        install += f" && mv -f {shlex.quote(key + '.hastack-new')} {qk}"
+        install += f" && mv -f {q(key + '.hastack-new')} {qk}"
     install += f" && mv -f {tmp} {qc}"
     h.sh(install,
          message=f"issued {crt} ({why}): serial {cert.serial_number:x}, valid until "
@@ -431,19 +421,19 @@ def _host_cert(h: HostSession, ca: CA, *, renew: bool = False) -> None:
 
 
 def _key_mode(h: HostSession, key: str) -> None:
-    q = shlex.quote(key)
+    qk = q(key)
     want = f"{KEY_OWNER}:{KEY_GROUP}:{int(KEY_MODE, 8):o}"
-    state = h.probe(f"stat -c '%U:%G:%a' {q}")
+    state = h.probe(f"stat -c '%U:%G:%a' {qk}")
     if state.ok and state.stdout.strip() == want:
         h.ok(f"{key}: {want}")
         return
-    h.sh(f"chown {KEY_OWNER}:{KEY_GROUP} {q} && chmod {KEY_MODE} {q}", message=f"{key}: owner/mode {want}")
+    h.sh(f"chown {KEY_OWNER}:{KEY_GROUP} {qk} && chmod {KEY_MODE} {qk}", message=f"{key}: owner/mode {want}")
 
 
 def _verify(h: HostSession, ca: CA) -> None:
     crt, key = cert_path(h.name), key_path(h.name)
-    have = h.probe(f"cat {shlex.quote(crt)}")
-    pub = h.probe(f"openssl pkey -in {shlex.quote(key)} -pubout")
+    have = h.probe(f"cat {q(crt)}")
+    pub = h.probe(f"openssl pkey -in {q(key)} -pubout")
     if not have.ok:
         raise HostFailed(f"{crt}: no certificate; it covers none of: "
                          + ", ".join(s.value for s in served(h.inv, h.name)))
@@ -461,7 +451,7 @@ def _verify(h: HostSession, ca: CA) -> None:
     stale = sorted(sans.dns - want.dns) + sorted(sans.ips - want.ips)
     if stale:
         h.note(f"{crt} also names what the inventory no longer gives this host: {' '.join(stale)}")
-    if not h.probe(f"openssl verify {shlex.quote(crt)}").ok:
+    if not h.probe(f"openssl verify {q(crt)}").ok:
         problems.append("the host does not trust its own certificate (CA missing from its trust store?)")
     if problems:
         raise HostFailed(f"{crt}: " + "; ".join(problems))

@@ -40,8 +40,12 @@ class _Conn:
 
     def put(self, stream, remote):
         data = stream.read()
-        self.host.uploads[remote] = data.decode() if isinstance(data, bytes) else data
+        text = data.decode() if isinstance(data, bytes) else data
+        self.host.uploads[remote] = text
         self.host.commands.append(f"<sftp put {remote}>")
+        upload = getattr(self.host.responder, "upload", None)
+        if upload is not None:  # a simulated host keeps the file
+            upload(self.host, remote, text)
 
     def close(self):
         pass

@@ -1,4 +1,5 @@
-"""Gateway tier on real lab hosts: after `inv base.deploy` and `inv gateway.deploy`
+"""Gateway tier on real lab hosts: after `inv base.deploy`, `inv firewall.deploy`
+(the gateway's FORWARD chain) and `inv gateway.deploy`
 the DMZ and internal hosts route to each other through gw1server (persistently,
 through hastack-routes.service); an allowed flow (ejabberd -> PostgreSQL) is a
 real TCP connection through the gateway, and stops when forwarding is off; a
@@ -18,7 +19,7 @@ GW = "gw1server"
 
 @pytest.fixture(scope="module")
 def routed(lab):
-    deploy("base.deploy", "gateway.deploy")
+    deploy("base.deploy", "firewall.deploy", "gateway.deploy")
     return lab
 
 

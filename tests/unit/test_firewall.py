@@ -13,9 +13,11 @@ from types import SimpleNamespace
 import pytest
 
 from fabfile import firewall, gateway
+from fabfile.core import flows
 from fabfile.core import UserError, templates
 from fabfile.core.inventory import ROLES, load, parse
 from fabfile.core.remote import Result
+from fabfile.core.testing import RecordingRun
 from tests.unit.shipped import INVENTORIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,17 +46,17 @@ def lab():
 
 
 def test_every_role_has_a_row_in_the_table():
-    assert set(firewall.TABLE) == set(ROLES)
+    assert set(flows.TABLE) == set(ROLES)
 
 
 def test_rows_name_known_roles_and_protocols():
-    for role, allows in firewall.TABLE.items():
+    for role, allows in flows.TABLE.items():
         for a in allows:
             assert a.proto in {"tcp", "udp", "icmp", "vrrp"}, (role, a)
             if isinstance(a.sources, tuple):
                 assert set(a.sources) <= set(ROLES), (role, a)
             else:
-                assert a.sources in (firewall.ANYONE, firewall.MGMT, firewall.LOCAL_NETS), (role, a)
+                assert a.sources in (flows.ANYONE, flows.MGMT, flows.LOCAL_NETS), (role, a)
             assert a.why and '"' not in a.why and len(a.why) < 200
 
 
@@ -70,7 +72,7 @@ def test_rules_render_and_keep_ssh_for_every_host(inventory):
         assert "-A INPUT -i lo -j ACCEPT" in text
         assert "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT" in text
         assert "-A INPUT -p icmp -m icmp --icmp-type 8 " in text
-        v6 = templates.render(firewall.TEMPLATE_V6, inv, host, secret)
+        v6 = templates.render(firewall.TEMPLATE_V6, inv, host, secret, **firewall.template_vars(inv, host, secret))
         assert ":INPUT DROP [0:0]" in v6 and "--icmpv6-type 135" in v6 and "--dport" not in v6
 
 
@@ -143,7 +145,7 @@ def test_mail_cluster_rules(lab):
 def test_no_whole_network_source_for_role_rows(lab):
     """Rows whose sources are roles become host addresses (/32), never networks."""
     for host in lab.hosts:
-        for rule in firewall.input_rules(lab, host):
+        for rule in flows.input_rules(lab, host):
             if rule.src and not rule.src.endswith("/32"):
                 assert rule.src in ("10.200.0.0/24", "10.200.11.0/24"), (host, rule)
 
@@ -178,7 +180,7 @@ def test_iptables_restore_accepts_and_save_matches_the_file(inventory):
     inv = load(inventory)
     for host in inv.hosts:
         for tool, name in (("iptables", firewall.TEMPLATE_V4), ("ip6tables", firewall.TEMPLATE_V6)):
-            text = templates.render(name, inv, host, secret)
+            text = templates.render(name, inv, host, secret, **firewall.template_vars(inv, host, secret))
             test = _in_new_netns(f"{tool}-restore --test", text)
             assert test.returncode == 0, f"{host} {tool}: {test.stderr}"
             loaded = _in_new_netns(f"{tool}-restore && {tool}-save -t filter", text)
@@ -203,7 +205,7 @@ def test_canonical_ignores_comments_counters_and_quoting():
 
 
 def test_guard_refuses_a_table_without_ssh(lab, monkeypatch):
-    monkeypatch.setattr(firewall, "EVERY_HOST", [a for a in firewall.EVERY_HOST if a.proto != "tcp"])
+    monkeypatch.setattr(flows, "EVERY_HOST", [a for a in flows.EVERY_HOST if a.proto != "tcp"])
     with pytest.raises(UserError) as err:
         firewall.check_ssh_kept(v4(lab, "psql1server"), lab, "psql1server")
     assert "psql1server" in str(err.value) and "10.200.0.0/24" in str(err.value)
@@ -211,8 +213,8 @@ def test_guard_refuses_a_table_without_ssh(lab, monkeypatch):
 
 
 def test_guard_refuses_ssh_from_the_wrong_network(lab, monkeypatch):
-    wrong = firewall.Allow("tcp", "22", ("monitoring",), "SSH from the monitoring host")
-    monkeypatch.setattr(firewall, "EVERY_HOST", [firewall.EVERY_HOST[0], wrong])
+    wrong = flows.Allow("tcp", "22", ("monitoring",), "SSH from the monitoring host")
+    monkeypatch.setattr(flows, "EVERY_HOST", [flows.EVERY_HOST[0], wrong])
     with pytest.raises(UserError, match="e1server: firewall rules refused"):
         firewall.check_ssh_kept(v4(lab, "e1server"), lab, "e1server")
 
@@ -220,16 +222,17 @@ def test_guard_refuses_ssh_from_the_wrong_network(lab, monkeypatch):
 def test_preflight_refuses_before_any_host_is_touched(lab, monkeypatch):
     """The runbook's first step: a broken table stops the run with every
     offending host named, before a connection is opened."""
-    monkeypatch.setattr(firewall, "EVERY_HOST", [firewall.Allow("icmp", "echo-request")])
-    run = SimpleNamespace(inv=lab, secret=secret)
+    monkeypatch.setattr(flows, "EVERY_HOST", [flows.Allow("icmp", "echo-request")])
+    run = RecordingRun(lab)
     with pytest.raises(UserError) as err:
         firewall.preflight(run, ["e1server", "pxc2"])
     assert "nothing was changed" in str(err.value)
     assert "e1server:" in str(err.value) and "pxc2:" in str(err.value)
+    assert run.connected == [] and run.all_commands() == []
 
 
 def test_preflight_passes_the_real_table(lab):
-    firewall.preflight(SimpleNamespace(inv=lab, secret=secret), list(lab.hosts))
+    firewall.preflight(RecordingRun(lab), list(lab.hosts))
 
 
 def _with_input(*rules, policy="DROP"):
@@ -287,13 +290,13 @@ def test_no_policy_drop_without_rules_is_fine(lab):
 
 
 def test_segments_and_routes_come_from_the_gateway_addresses(lab):
-    assert gateway.gateways(lab) == ["gw1server"]
-    assert gateway.segments(lab, "gw1server") == ["dmz", "internal"]
-    assert gateway.routes(lab, "e1server") == [gateway.Route("10.200.1.8/29", "10.200.1.1", "gw1server")]
+    assert flows.gateways(lab) == ["gw1server"]
+    assert flows.segments(lab, "gw1server") == ["dmz", "internal"]
+    assert flows.routes(lab, "e1server") == [flows.Route("10.200.1.8/29", "10.200.1.1", "gw1server")]
     for host in ("psql1server", "psql2server", "bk1server", "mon1server", "r1server"):
-        assert gateway.routes(lab, host) == [gateway.Route("10.200.1.0/29", "10.200.1.9", "gw1server")]
+        assert flows.routes(lab, host) == [flows.Route("10.200.1.0/29", "10.200.1.9", "gw1server")]
     for host in ("gw1server", "ngx01", "postfix01", "pxc1"):
-        assert gateway.routes(lab, host) == []
+        assert flows.routes(lab, host) == []
 
 
 THREE_SEGMENTS = """
@@ -314,21 +317,21 @@ xmpp: {domain: x.t.test}
 
 def test_routes_for_three_segments_and_a_host_on_two():
     inv = parse(THREE_SEGMENTS)
-    assert gateway.routes(inv, "x") == [gateway.Route("10.9.2.0/24", "10.9.1.1", "gw"),
-                                        gateway.Route("10.9.3.0/24", "10.9.1.1", "gw")]
+    assert flows.routes(inv, "x") == [flows.Route("10.9.2.0/24", "10.9.1.1", "gw"),
+                                        flows.Route("10.9.3.0/24", "10.9.1.1", "gw")]
     # z is on b and c: only a is routed, via the gateway address on the first of them (gateway order)
-    assert gateway.routes(inv, "z") == [gateway.Route("10.9.1.0/24", "10.9.2.1", "gw")]
-    fwd = gateway.forward_rules(inv, "gw")
-    flows = {(r.src, r.dst, r.ports) for r in fwd if r.proto == "tcp"}
-    assert ("10.9.1.2/32", "10.9.2.3/32", "5432") in flows
+    assert flows.routes(inv, "z") == [flows.Route("10.9.1.0/24", "10.9.2.1", "gw")]
+    fwd = flows.forward_rules(inv, "gw")
+    tcp = {(r.src, r.dst, r.ports) for r in fwd if r.proto == "tcp"}
+    assert ("10.9.1.2/32", "10.9.2.3/32", "5432") in tcp
     # z shares network b with y: its scrape of y is not forwarded, of x it is
-    assert ("10.9.2.4/32", "10.9.1.2/32", "9100") in flows  # from the address its route uses
+    assert ("10.9.2.4/32", "10.9.1.2/32", "9100") in tcp  # from the address its route uses
     assert not any(r.dst == "10.9.2.3/32" and r.ports == "9100" for r in fwd)
     assert len([r for r in fwd if r.proto == "icmp"]) == 6
 
 
 def test_forward_chain_passes_only_the_xmpp_flows(lab):
-    fwd = gateway.forward_rules(lab, "gw1server")
+    fwd = flows.forward_rules(lab, "gw1server")
     tcp = {(r.src, r.dst, r.ports) for r in fwd if r.proto == "tcp"}
     assert {("10.200.1.2/32", "10.200.1.10/32", "5432"), ("10.200.1.3/32", "10.200.1.10/32", "5432"),
             ("10.200.1.13/32", "10.200.1.2/32", "9100"), ("10.200.1.12/32", "10.200.1.3/32", "9102"),
@@ -341,85 +344,93 @@ def test_forward_chain_passes_only_the_xmpp_flows(lab):
     assert into_internal == {"5432", "9101", "9103"}
     icmp = [(r.src, r.dst) for r in fwd if r.proto == "icmp"]
     assert icmp == [("10.200.1.0/29", "10.200.1.8/29"), ("10.200.1.8/29", "10.200.1.0/29")]
-    assert gateway.forward_rules(lab, "e1server") == []
+    assert flows.forward_rules(lab, "e1server") == []
 
 
 def test_routes_unit_renders(lab):
-    text = templates.render(gateway.UNIT_TEMPLATE, lab, "psql1server", secret)
+    text = templates.render(gateway.UNIT_TEMPLATE, lab, "psql1server", secret,
+                            **gateway.template_vars(lab, "psql1server", secret))
     assert "ExecStart=/bin/ip route replace 10.200.1.0/29 via 10.200.1.9" in text
     assert "WantedBy=multi-user.target" in text
 
 
-# --- step decisions (a fake host session) -------------------------------------
+# --- step decisions (facts in, commands out) ---------------------------------
 
 
-class FakeHost:
-    """Records what a step would do; probes answer from a dict."""
-
-    def __init__(self, inv, name, answers):
-        self.inv, self.name, self.answers = inv, name, answers
-        self.done, self.oks = [], []
-        self.run = SimpleNamespace(check=False, secret=secret)
-
-    def probe(self, cmd, **kw):
-        for prefix, result in self.answers.items():
-            if cmd.startswith(prefix):
-                return result
-        return Result(exited=1)
-
-    def sh(self, cmd, message=None, **kw):
-        self.done.append(cmd)
-        return Result()
-
-    def ok(self, message):
-        self.oks.append(message)
-
-    def template(self, *a, **kw):
-        return False
-
-    def service(self, name, restart=False, **kw):
-        if restart:
-            self.done.append(f"restart {name}")
+def _step(inv, host, fn, *rules, check=False):
+    run = RecordingRun(inv, answers={host: list(rules)}, check=check)
+    fn(run.session(host))
+    return run.session(host)
 
 
 def test_load_skips_when_the_live_table_matches(lab):
     text = v4(lab, "e1server")
     saved = "# Generated by iptables-save\n" + text.replace('"ping"', "ping").replace("[0:0]", "[5:600]")
-    h = FakeHost(lab, "e1server", {"iptables-save": Result(stdout=saved)})
-    firewall._load(h, "iptables", firewall.RULES_V4, text)
-    assert h.done == [] and h.oks
+    h = _step(lab, "e1server", lambda h: firewall._load(h, "iptables", firewall.RULES_V4, text),
+              (r"^iptables-save", Result(stdout=saved)))
+    assert h.changes == [] and h.reported("ok")
 
 
 def test_load_restores_atomically_when_the_live_table_differs(lab):
     text = v4(lab, "e1server")
-    h = FakeHost(lab, "e1server", {"iptables-save": Result(stdout="")})
-    firewall._load(h, "iptables", firewall.RULES_V4, text)
-    assert h.done == ["iptables-restore /etc/iptables/rules.v4"]
-    assert not any("-F" in cmd or "flush" in cmd for cmd in h.done)
+    h = _step(lab, "e1server", lambda h: firewall._load(h, "iptables", firewall.RULES_V4, text),
+              (r"^iptables-save", Result(stdout="")))
+    assert h.changes == ["iptables-restore /etc/iptables/rules.v4"]
+    assert not any("-F" in cmd or "flush" in cmd for cmd in h.changes)
+
+
+def _converged_files(inv, host, files):
+    """Answers of a host where ``files`` (path -> content) are in place, root:root with their modes."""
+    import hashlib
+
+    def stat(cmd, stdin):
+        for path, (text, mode) in files.items():
+            if cmd.endswith(f"sha256sum {path}"):
+                return Result(stdout=f"root:root:{mode}\n{hashlib.sha256(text.encode()).hexdigest()}  {path}\n")
+        return Result(exited=1)
+    return (r"^stat -c '%U:%G:%a' \S+ && sha256sum", stat)
+
+
+def test_apply_rules_on_a_converged_host_runs_no_command(lab):
+    host = "e1server"
+    v6 = templates.render(firewall.TEMPLATE_V6, lab, host, secret, **firewall.template_vars(lab, host, secret))
+    text = v4(lab, host)
+    rules = [
+        _converged_files(lab, host, {firewall.RULES_V4: (text, "640"), firewall.RULES_V6: (v6, "640")}),
+        (r"^stat -c '%U:%G:%a' /etc/iptables$", Result(stdout="root:root:755\n")),
+        (r"^iptables-save", Result(stdout=text)),
+        (r"^ip6tables-save", Result(stdout=v6)),
+        (r"^systemctl is-enabled", Result(stdout="enabled\n")),
+        (r"^systemctl is-active", Result()),
+    ]
+    run = RecordingRun(lab, answers={host: rules}, secrets={})
+    run.secrets.get = lambda name, *a: secret(name)
+    firewall.apply_rules(run.session(host))
+    assert run.session(host).changes == []
 
 
 def test_routes_step_adds_only_missing_routes(lab):
+    unit = templates.render(gateway.UNIT_TEMPLATE, lab, "psql1server", secret,
+                            **gateway.template_vars(lab, "psql1server", secret))
+    converged = [
+        _converged_files(lab, "psql1server", {"/etc/systemd/system/hastack-routes.service": (unit, "644")}),
+        (r"^systemctl is-enabled", Result(stdout="enabled\n")), (r"^systemctl is-active", Result()),
+    ]
     present = Result(stdout="10.200.1.0/29 via 10.200.1.9 dev internal \n")
-    h = FakeHost(lab, "psql1server", {"ip -4 route show 10.200.1.0/29": present})
-    gateway._routes(h)
-    assert h.done == []
-    h = FakeHost(lab, "psql1server", {"ip -4 route show": Result(stdout="")})
-    gateway._routes(h)
-    assert h.done == ["ip route replace 10.200.1.0/29 via 10.200.1.9"]
+    h = _step(lab, "psql1server", gateway._routes, (r"^ip -4 route show 10.200.1.0/29", present), *converged)
+    assert h.changes == []
+    h = _step(lab, "psql1server", gateway._routes, (r"^ip -4 route show", Result(stdout="")), *converged)
+    assert h.changes == ["ip route replace 10.200.1.0/29 via 10.200.1.9"]
 
 
 def test_install_preseeds_only_before_the_package_is_there(lab):
-    class H(FakeHost):
-        def packages(self, names):
-            self.done.append("install " + " ".join(names))
-
-    h = H(lab, "e1server", {"dpkg-query": Result(stdout="not-installed")})
-    firewall.install(h)
-    assert h.done[0] == "debconf-set-selections" and h.done[1].startswith("install ")
-    assert "iptables-persistent" in h.done[1]
-    h = H(lab, "e1server", {"dpkg-query": Result(stdout="installed")})
-    firewall.install(h)
-    assert h.done == ["install " + " ".join(firewall.PACKAGES)]
+    h = _step(lab, "e1server", firewall.install, (r"^dpkg-query", Result(stdout="")))
+    assert h.changes[0] == "debconf-set-selections" and h.changes[1].startswith("DEBIAN_FRONTEND=noninteractive")
+    assert "iptables-persistent" in h.changes[1]
+    assert "autosave_v4 boolean false" in h.stdins[0][1]
+    listed = "".join(f"{p} installed\n" for p in firewall.PACKAGES)
+    h = _step(lab, "e1server", firewall.install, (r"^dpkg-query", Result(stdout=listed)))
+    assert h.changes == []
 
 
 def test_collections_document_every_task():

@@ -5,6 +5,7 @@ per-host runbook against a small fake host (canned state in, commands out)."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 import shutil
 import stat
@@ -25,6 +26,7 @@ from fabfile.core.errors import UserError
 from fabfile.core.inventory import load
 from fabfile.core.remote import Result
 from fabfile.core.secrets import Secrets
+from fabfile.core.testing import RecordingRun
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB = ROOT / "inventory" / "lab.yml"
@@ -277,47 +279,26 @@ def test_missing_or_broken_files(ca, host_state):
 # --- the per-host runbook against a fake host ---------------------------------------
 
 
-class FakeHost:
-    """Just enough of HostSession and a Debian host's shell for the pki steps:
-    files with owner:group:mode, openssl pkey/genpkey, cat, stat, chown, chmod, mv."""
+class Shell:
+    """A responder for the recording host: just enough of a Debian host's shell
+    for the pki steps (files with owner:group:mode, openssl pkey/genpkey, cat,
+    stat, sha256sum, chown, chmod, mv, rm, dpkg-query)."""
 
-    def __init__(self, inv, name, *, check=False):
-        self.inv, self.name = inv, name
-        self.run = SimpleNamespace(check=check)
+    def __init__(self):
         self.files: dict[str, list[str]] = {}  # path -> [content, "owner:group:mode"]
-        self.changes: list[str] = []  # what was reported changed / would change
-        self.oks: list[str] = []
-        self.commands: list[str] = []  # changing commands run
-        self.conn = SimpleNamespace(put=self._sftp_put)
         self.trusted = False  # the CA is in the trust store (what update-ca-certificates does)
 
-    def packages(self, names):
-        self.ok(f"packages present: {' '.join(names)}")
+    def upload(self, host, path, text):
+        self.files[path] = [text, "root:root:644"]
 
-    def directory(self, path, *, mode="0755"):
-        self.files.setdefault(path + "/", ["", f"root:root:{int(mode, 8):o}"])
-
-    def _sftp_put(self, stream, dest):
-        self.commands.append(f"sftp put {dest}")
-        self.files[dest] = [stream.read().decode(), "root:root:644"]
-
-    # reporting
-    def ok(self, msg):
-        self.oks.append(msg)
-
-    def changed(self, msg):
-        self.changes.append(msg)
-
-    def note(self, msg):
-        pass
-
-    # shell
-    def _shell(self, cmd) -> Result:
+    def __call__(self, host, cmd, stdin):
         out = []
         for part in cmd.split(" && "):
             if part == "umask 077":
                 continue
-            if m := re.fullmatch(r"openssl pkey -in (\S+) -pubout", part):
+            if part.startswith("dpkg-query"):
+                out.append("".join(f"{p} installed\n" for p in pki.PACKAGES))
+            elif m := re.fullmatch(r"openssl pkey -in (\S+) -pubout", part):
                 content = self.files.get(m[1], [""])[0]
                 if "PRIVATE KEY" not in content:
                     return Result("", "Could not read key", 1)
@@ -333,6 +314,8 @@ class FakeHost:
                 if m[1] not in self.files:
                     return Result("", "No such file", 1)
                 out.append(self.files[m[1]][1] + "\n")
+            elif m := re.fullmatch(r"sha256sum (\S+)", part):
+                out.append(hashlib.sha256(self.files[m[1]][0].encode()).hexdigest() + f"  {m[1]}\n")
             elif m := re.fullmatch(r"chown (\w[\w-]*):(\w[\w-]*) (\S+)", part):
                 o, g, mode = self.files[m[3]][1].split(":")
                 self.files[m[3]][1] = f"{m[1]}:{m[2]}:{mode}"
@@ -341,6 +324,10 @@ class FakeHost:
                 self.files[m[2]][1] = f"{o}:{g}:{m[1]}"
             elif m := re.fullmatch(r"mv -f (\S+) (\S+)", part):
                 self.files[m[2]] = self.files.pop(m[1])
+            elif m := re.fullmatch(r"rm -f (\S+)", part):
+                self.files.pop(m[1], None)
+            elif re.fullmatch(r'mkdir -p "\$\(dirname \S+\)"', part):
+                pass
             elif m := re.fullmatch(r"openssl verify (\S+)", part):
                 if m[1] == pki.CA_FILE and not self.trusted:
                     return Result("error 18 at 0 depth lookup: self-signed certificate", "", 2)
@@ -350,40 +337,53 @@ class FakeHost:
             elif part == "update-ca-certificates --fresh":
                 self.trusted = pki.TRUST_FILE in self.files
             else:
-                raise AssertionError(f"fake host does not know: {part}")
+                raise AssertionError(f"simulated host does not know: {part}")
         return Result("".join(out), "", 0)
 
-    def probe(self, cmd, **_):
-        return self._shell(cmd)
+
+class FakeHost:
+    """The recording host of the core's test support over the simulated shell,
+    with the old test names: files, commands (changing ones), changes (reported)."""
+
+    def __init__(self, inv, name, *, check=False):
+        self.shell = Shell()
+        self.run = RecordingRun(inv, responder=self.shell, check=check)
+        self.h = self.run.session(name)
+        self.h.directory = lambda path, **kw: self.shell.files.setdefault(path + "/", ["", "root:root:755"])
+        self.name, self.inv = name, inv
+        self.reset()
+
+    def reset(self):
+        self.h.changes.clear()
+        self.h.commands.clear()
+        self.run.results.clear()
+
+    @property
+    def files(self):
+        return self.shell.files
+
+    @property
+    def trusted(self):
+        return self.shell.trusted
+
+    @trusted.setter
+    def trusted(self, value):
+        self.shell.trusted = value
+
+    @property
+    def commands(self):  # what changed the host: commands run and files uploaded
+        return self.h.changes + [c for c in self.h.commands if c.startswith("<sftp")]
+
+    @property
+    def changes(self):
+        return self.h.reported("changed") + self.h.reported("would change")
+
+    @property
+    def oks(self):
+        return self.h.reported("ok")
 
     def read(self, cmd):
-        r = self._shell(cmd)
-        if not r.ok:
-            raise HostFailed(cmd)
-        return r.stdout
-
-    def sh(self, cmd, *, message=None, **_):
-        if self.run.check:
-            self.changed(f"would run: {message or cmd}")
-            return Result()
-        self.commands.append(cmd)
-        r = self._shell(cmd)
-        assert r.ok, r.stderr
-        self.changed(message or cmd)
-        return r
-
-    def put(self, content, dest, *, owner="root", group="root", mode="0644"):
-        meta = f"{owner}:{group}:{int(mode, 8):o}"
-        if self.files.get(dest) == [content, meta]:
-            self.ok(dest)
-            return False
-        if self.run.check:
-            self.changed(f"{dest} would change")
-            return True
-        self.commands.append(f"put {dest}")
-        self.files[dest] = [content, meta]
-        self.changed(dest)
-        return True
+        return self.h.read(cmd)
 
 
 def _cert_on(host: FakeHost) -> x509.Certificate:
@@ -392,30 +392,30 @@ def _cert_on(host: FakeHost) -> x509.Certificate:
 
 def test_trust_installs_the_ca_once(inv, ca):
     h = FakeHost(inv, "gw1server")
-    pki._trust(h, ca)
+    pki._trust(h.h, ca)
     assert h.files[pki.CA_FILE] == [ca.cert_pem, "root:root:644"]
     assert h.files[pki.TRUST_FILE] == [ca.cert_pem, "root:root:644"]
     assert h.trusted and "update-ca-certificates --fresh" in h.commands
-    h.changes, h.commands = [], []
-    pki._trust(h, ca)
+    h.reset()
+    pki._trust(h.h, ca)
     assert h.changes == [] and h.commands == []
     assert h.oks[-1] == "the host trusts the site CA"
     # an earlier run stopped between the upload and update-ca-certificates
     h.trusted = False
-    pki._trust(h, ca)
+    pki._trust(h.h, ca)
     assert h.commands == ["update-ca-certificates --fresh"] and h.trusted
 
 
 def test_trust_in_check_mode_changes_nothing(inv, ca):
     h = FakeHost(inv, "gw1server", check=True)
-    pki._trust(h, ca)
+    pki._trust(h.h, ca)
     assert h.commands == [] and pki.CA_FILE not in h.files and not h.trusted
     assert "would run: update-ca-certificates" in h.changes
 
 
 def test_fresh_host_gets_a_key_made_on_it_and_a_certificate(inv, ca):
     h = FakeHost(inv, "postfix02")
-    pki._host_cert(h, ca)
+    pki._host_cert(h.h, ca)
     key, crt = pki.key_path("postfix02"), pki.cert_path("postfix02")
     assert h.files[key][1] == "root:ssl-cert:640"
     assert h.files[crt][1] == "root:root:644"
@@ -429,10 +429,10 @@ def test_fresh_host_gets_a_key_made_on_it_and_a_certificate(inv, ca):
 
 def test_converged_host_is_left_alone(inv, ca):
     h = FakeHost(inv, "e1server")
-    pki._host_cert(h, ca)
+    pki._host_cert(h.h, ca)
     before = {k: list(v) for k, v in h.files.items()}
-    h.changes, h.commands, h.oks = [], [], []
-    pki._host_cert(h, ca)
+    h.reset()
+    pki._host_cert(h.h, ca)
     assert h.changes == [] and h.commands == []
     assert h.files == before
     assert h.oks[0].startswith(f"{pki.cert_path('e1server')}: valid until ")
@@ -440,7 +440,7 @@ def test_converged_host_is_left_alone(inv, ca):
 
 def test_check_mode_says_what_would_be_issued_and_changes_nothing(inv, ca):
     h = FakeHost(inv, "ngx01", check=True)
-    pki._host_cert(h, ca)
+    pki._host_cert(h.h, ca)
     assert h.files == {} and h.commands == []
     assert h.changes == [
         "would issue /etc/ssl/hastack/ngx01.crt (no usable key) with a new key: "
@@ -449,14 +449,14 @@ def test_check_mode_says_what_would_be_issued_and_changes_nothing(inv, ca):
 
 def test_expiring_certificate_is_reissued_for_the_same_key(inv, ca):
     h = FakeHost(inv, "ngx02")
-    pki._host_cert(h, ca)
+    pki._host_cert(h.h, ca)
     key = pki.key_path("ngx02")
     key_before = h.files[key][0]
     old = pki.sign_host_cert(ca, serialization.load_pem_private_key(key_before.encode(), None).public_key(),
                              "ngx02.lab.test", pki.Sans.for_host(inv, "ngx02"), now=NOW - dt.timedelta(days=820))
     h.files[pki.cert_path("ngx02")][0] = pem(old)
-    h.changes, h.commands = [], []
-    pki._host_cert(h, ca)
+    h.reset()
+    pki._host_cert(h.h, ca)
     assert not any(pki.GENKEY in c for c in h.commands)
     assert h.files[key][0] == key_before
     assert _cert_on(h).serial_number != old.serial_number
@@ -466,11 +466,11 @@ def test_expiring_certificate_is_reissued_for_the_same_key(inv, ca):
 
 def test_key_mode_drift_is_repaired_without_reissuing(inv, ca):
     h = FakeHost(inv, "pxc1")
-    pki._host_cert(h, ca)
+    pki._host_cert(h.h, ca)
     serial = _cert_on(h).serial_number
     h.files[pki.key_path("pxc1")][1] = "root:root:644"
-    h.changes, h.commands = [], []
-    pki._host_cert(h, ca)
+    h.reset()
+    pki._host_cert(h.h, ca)
     assert _cert_on(h).serial_number == serial
     assert h.files[pki.key_path("pxc1")][1] == "root:ssl-cert:640"
     assert h.changes == ["/etc/ssl/hastack/pxc1.key: owner/mode root:ssl-cert:640"]
@@ -478,18 +478,18 @@ def test_key_mode_drift_is_repaired_without_reissuing(inv, ca):
 
 def test_renew_reissues_a_valid_certificate_and_keeps_the_key(inv, ca):
     h = FakeHost(inv, "pxc2")
-    pki._host_cert(h, ca)
+    pki._host_cert(h.h, ca)
     key_before, serial = h.files[pki.key_path("pxc2")][0], _cert_on(h).serial_number
-    pki._host_cert(h, ca, renew=True)
+    pki._host_cert(h.h, ca, renew=True)
     assert _cert_on(h).serial_number != serial
     assert h.files[pki.key_path("pxc2")][0] == key_before
 
 
 def test_verify_lists_coverage_and_fails_on_an_uncovered_name(inv, ca):
     h = FakeHost(inv, "postfix03")
-    pki._host_cert(h, ca)
-    h.oks = []
-    pki._verify(h, ca)
+    pki._host_cert(h.h, ca)
+    h.reset()
+    pki._verify(h.h, ca)
     assert "mail.lab.test (vip mail)" in h.oks[0] and "10.200.11.116 (vip dbproxy)" in h.oks[0]
     # a certificate issued before the host got the mail VIP
     key = serialization.load_pem_private_key(h.files[pki.key_path("postfix03")][0].encode(), None)
@@ -497,7 +497,7 @@ def test_verify_lists_coverage_and_fails_on_an_uncovered_name(inv, ca):
                       frozenset({"10.200.0.115", "10.200.11.115"}))
     h.files[pki.cert_path("postfix03")][0] = pem(pki.sign_host_cert(ca, key.public_key(), "postfix03.lab.test", narrow))
     with pytest.raises(HostFailed) as err:
-        pki._verify(h, ca)
+        pki._verify(h.h, ca)
     msg = str(err.value)
     for missing in ("mail.lab.test (vip mail)", "10.200.11.110 (vip mail)", "10.200.11.116 (vip dbproxy)"):
         assert f"does not cover {missing}" in msg
@@ -506,7 +506,7 @@ def test_verify_lists_coverage_and_fails_on_an_uncovered_name(inv, ca):
 
 def test_verify_fails_without_a_certificate(inv, ca):
     with pytest.raises(HostFailed, match=r"/etc/ssl/hastack/pxc3.crt: no certificate; it covers none of: pxc3, "):
-        pki._verify(FakeHost(inv, "pxc3"), ca)
+        pki._verify(FakeHost(inv, "pxc3").h, ca)
 
 
 # --- export-ca and wiring ------------------------------------------------------------
