@@ -31,6 +31,8 @@ class Secrets:
     def _read(self) -> dict[str, str]:
         if not self.path.exists():
             return {}
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: the secrets file is not a file")
         mode = stat.S_IMODE(self.path.stat().st_mode)
         if mode & 0o077:
             raise UserError(
@@ -38,10 +40,17 @@ class Secrets:
                 f"run `chmod 600 {self.path}` and check who has seen it"
             )
         try:
-            data = yaml.safe_load(self.path.read_text()) or {}
+            data = yaml.safe_load(self.path.read_bytes().decode("utf-8")) or {}
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot read the secrets file ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{self.path}: the secrets file is not UTF-8 text") from None
         except yaml.YAMLError as exc:
-            raise UserError(f"{self.path}: secrets file is not valid YAML: {exc}") from None
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"{self.path}: secrets file is not valid YAML{where}: "
+                            f"{getattr(exc, 'problem', None) or exc}") from None
+        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
             raise UserError(f"{self.path}: secrets file must map names to strings")
         return data
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from invoke import Context
 from invoke import task as invoke_task
+from invoke.config import Config
 from invoke.exceptions import Exit
 
 from .errors import UserError
@@ -21,12 +22,50 @@ DEFAULT_INVENTORY = "inventory/lab.yml"
 CONFIG_DEFAULTS = {"inventory": DEFAULT_INVENTORY, "check": False}
 
 
+def _guard_config_files() -> None:
+    """invoke's own config files (invoke.yaml beside tasks.py, `inv -f FILE`,
+    INVOKE_RUNTIME_CONFIG) end in a traceback when they are malformed; make that
+    one line naming the file and the problem, exit status 1."""
+    if getattr(Config._load_file, "hastack_guard", False):
+        return
+    original = Config._load_file
+
+    def _load_file(self, prefix: str, absolute: bool = False, merge: bool = True) -> None:
+        where = getattr(self, f"_{prefix}_path", None) if absolute else None
+        if where is not None and not Path(where).expanduser().exists():
+            raise Exit(f"error: invoke config {where}: no such file", code=1)
+        try:
+            original(self, prefix, absolute=absolute, merge=False)
+        except Exception as exc:  # YAML/JSON errors, UnicodeDecodeError, unknown suffix, a directory, ...
+            mark = getattr(exc, "problem_mark", None)
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if mark is not None:
+                what = f"malformed YAML at line {mark.line + 1}, column {mark.column + 1}: {what}"
+                where = where or getattr(mark, "name", None)
+            raise Exit(f"error: invoke config {where or prefix + ' file'}: {what}", code=1) from None
+        data = getattr(self, f"_{prefix}")
+        if data is not None and not isinstance(data, dict):
+            raise Exit(f"error: invoke config {getattr(self, f'_{prefix}_path', None) or prefix}: "
+                       f"must be a mapping of settings, not a {type(data).__name__}", code=1)
+        if merge and getattr(self, f"_{prefix}_path", None) is not None:
+            self.merge()
+
+    _load_file.hastack_guard = True
+    Config._load_file = _load_file
+
+
+_guard_config_files()
+
+
 def inventory_path(c: Context) -> Path:
     """The inventory chosen through invoke's config: `inventory:` in invoke.yaml,
     `inv -f FILE`, or the INVOKE_INVENTORY environment variable."""
     value = c.config.get("inventory")
-    if value is None or value == "":
+    if value is None:
         value = DEFAULT_INVENTORY
+    if value == "":
+        raise UserError("invoke config: 'inventory' is empty: name an inventory file (or leave it unset for "
+                        f"{DEFAULT_INVENTORY})")
     if not isinstance(value, str):
         raise UserError(f"invoke config: 'inventory' must be the path of one inventory file, "
                         f"not a {type(value).__name__} ({value!r})")

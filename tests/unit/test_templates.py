@@ -1,6 +1,7 @@
 """Every template renders for every host of every shipped inventory with
 StrictUndefined, and starts with the managed-file header."""
 
+import importlib
 from pathlib import Path
 
 import jinja2
@@ -16,6 +17,19 @@ ROOT = Path(__file__).resolve().parents[2]
 NAMES = templates.template_names()
 
 
+def tier_vars(name, inv, host, secret) -> dict:
+    """What the tier that owns configs/<tier>/... hands its templates (explicitly: the
+    core looks nothing up by itself)."""
+    module = importlib.import_module(f"fabfile.{name.split('/', 1)[0]}")
+    return module.template_vars(inv, host, secret)
+
+
+def test_every_template_belongs_to_a_tier_with_template_vars():
+    for name in NAMES:
+        module = importlib.import_module(f"fabfile.{name.split('/', 1)[0]}")
+        assert callable(getattr(module, "template_vars", None)), name
+
+
 def test_there_are_templates():
     assert "base/etc/hosts.j2" in NAMES
 
@@ -26,7 +40,7 @@ def test_template_renders_for_every_host(name, inventory, tmp_path):
     inv = load(inventory)
     secrets = Secrets(tmp_path / "secrets.yml")
     for host in inv.hosts:
-        text = templates.render(name, inv, host, secrets.get)
+        text = templates.render(name, inv, host, secrets.get, **tier_vars(name, inv, host, secrets.get))
         assert text.strip(), f"{name} rendered empty for {host}"
         assert "{{" not in text and "{%" not in text
 
@@ -50,7 +64,8 @@ def test_strict_undefined_fails_loudly(tmp_path):
 
 def test_hosts_file_lists_every_host_at_its_service_address(tmp_path):
     inv = load(ROOT / "inventory/lab.yml")
-    text = templates.render("base/etc/hosts.j2", inv, "e1server", Secrets(tmp_path / "s.yml").get)
+    secret = Secrets(tmp_path / "s.yml").get
+    text = templates.render("base/etc/hosts.j2", inv, "e1server", secret, **tier_vars("base/", inv, "e1server", secret))
     assert "10.200.1.10\tpsql1server.lab.test psql1server" in text
     assert "10.200.0.111\tngx01" not in text and "10.200.11.111\tngx01.lab.test ngx01" in text
     assert "10.200.1.4\txmpp.lab.test" in text
