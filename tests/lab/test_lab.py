@@ -17,6 +17,8 @@ import pytest
 from fabfile import lab as labmod
 from fabfile.core import UserError
 from fabfile.core.inventory import parse
+from fabfile.lab import machines as labmachines
+from fabfile.lab import system as labsystem
 
 from tests.lab.labhost import run_inv as inv
 
@@ -164,7 +166,7 @@ def test_cli_up_is_idempotent_too(lab):
 def _stop(lab, host):
     pid = labmod.running_pid(lab.plan, host)
     assert pid
-    labmod._stop_pids([pid], grace=30)
+    labsystem.stop_pids([pid], grace=30)
     assert labmod.running_pid(lab.plan, host) is None
 
 
@@ -272,7 +274,7 @@ def test_host_that_does_not_boot_in_time_shows_its_console(lab, tmp_path):
     finally:
         labmod.lab_down(other)
         shutil.rmtree(labmod.Plan(other).dir, ignore_errors=True)
-    assert not labmod._find("systemd-nspawn", f"--directory={labmod.Plan(other).merged('t1')}")
+    assert not labsystem.find("systemd-nspawn", f"--directory={labmod.Plan(other).merged('t1')}")
 
 
 # --- last: lab.down leaves nothing behind ------------------------------------------
@@ -287,7 +289,7 @@ def _leftovers(plan) -> dict:
     mounts = [ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines()]
     other_labs = any(m.startswith(str(plan.state_dir / "labs")) and not m.startswith(str(plan.dir) + "/")
                      for m in mounts)
-    procs = [argv for _, argv in labmod._processes()
+    procs = [argv for _, argv in labsystem.processes()
              if os.path.basename(argv[0]) in ("systemd-nspawn", "apt-cacher-ng")
              and any(str(plan.dir) in a for a in argv)]
     cgroups = Path("/sys/fs/cgroup").glob("*/hastack-lab" + ("/" + plan.prefix + "-*" if other_labs else ""))
@@ -296,7 +298,7 @@ def _leftovers(plan) -> dict:
         "veths": [ln["ifname"] for ln in links if ln["ifname"].startswith(plan.prefix)],
         "namespaces": [n for n in netns if n.startswith(plan.prefix + "-")],
         "mounts": [m for m in mounts if m.startswith(str(plan.dir) + "/")
-                   or (m == str(labmod.NSPAWN_TMPFS) and not other_labs
+                   or (m == str(labmachines.NSPAWN_TMPFS) and not other_labs
                        and (plan.state_dir / "made-nspawn-tmpfs").exists())],
         "processes": procs,
         "cgroups": [str(p) for p in cgroups],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ from fabfile import lab as labmod
 from fabfile.core import UserError
 from fabfile.core.inventory import load, parse
 from fabfile.core.tasks import PROJECT_ROOT
+from fabfile.lab import plan as labplan
+
+from tests.lab.labhost import run_inv as inv
 
 LAB = load(PROJECT_ROOT / "inventory" / "lab.yml")
 
@@ -25,17 +29,19 @@ def test_names_fit_the_kernel_limit_and_are_unique():
 
 
 def test_long_prefix_and_network_names_still_fit(tmp_path):
+    """The longest prefix (6) and network names (12) the inventory allows, 120 hosts."""
     inv = parse("""
 site: {name: x, domain: x.test}
 networks:
-  management-network: {cidr: 10.200.0.0/24, management: true}
-  management-network2: {cidr: 10.200.1.0/24}
+  management_a: {cidr: 10.200.0.0/24, management: true}
+  management_b: {cidr: 10.200.1.0/24}
 hosts:
-""" + "\n".join(f"  h{i}: {{addresses: {{management-network: 10.200.0.{i + 10}, management-network2: 10.200.1.{i + 10}}}}}"
+""" + "\n".join(f"  h{i}: {{addresses: {{management_a: 10.200.0.{i + 10}, management_b: 10.200.1.{i + 10}}}}}"
                 for i in range(120)) + "\nlab: {bridge_prefix: abcdef}\n", tmp_path / "x.yml")
     plan = labmod.Plan(inv, tmp_path)
     names = list(plan.bridges.values()) + list(plan.veths.values())
     assert all(len(n) <= 15 for n in names) and len(set(names)) == len(names)
+    assert plan.bridges == {"management_a": "abcdef-n0", "management_b": "abcdef-n1"}
 
 
 def test_addresses_nics_and_proxy():
@@ -51,12 +57,47 @@ def test_select_refuses_unknown_hosts():
     assert plan.select("pxc2, e1server") == ["pxc2", "e1server"]  # inventory order
     with pytest.raises(UserError, match="unknown host.*nosuch"):
         plan.select("e1server,nosuch")
+    assert plan.select(None) == list(LAB.hosts)  # no --hosts: every host
+
+
+@pytest.mark.parametrize("spec,problem", [
+    ("", "names no host"), (",", "names no host"), (" , ", "names no host"),
+    ("e1server,,pxc2", "empty name between commas"), ("e1server,", "empty name between commas"),
+])
+def test_select_refuses_empty_host_lists(spec, problem):
+    with pytest.raises(UserError, match=problem):
+        labmod.Plan(LAB, Path("/nonexistent")).select(spec)
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "nan", "inf", "", None])
+def test_timeout_must_be_a_positive_number(value):
+    with pytest.raises(UserError, match="--timeout must be a .*number of seconds"):
+        labmod.seconds(value)
+    assert labmod.seconds("2.5") == 2.5 and labmod.seconds(180) == 180.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["lab.up", "--timeout", "abc"], "--timeout must be a number of seconds, not 'abc'"),
+    (["lab.up", "--timeout", "-1"], "--timeout must be a positive number of seconds, not '-1'"),
+    (["lab.up", "--hosts", ""], "--hosts '' names no host"),
+    (["lab.up", "--hosts", ","], "--hosts ',' names no host"),
+    (["lab.up", "--hosts", "e1server,nosuch"], "unknown host(s) nosuch in --hosts"),
+    (["lab.power", "e1server", "sideways"], "action must be on, off or status, not 'sideways'"),
+    (["lab.power", "nosuch", "status"], "unknown host nosuch"),
+    (["lab.ssh", "nosuch", "-c", "true"], "unknown host nosuch"),
+])
+def test_bad_arguments_are_clear_errors_before_anything_happens(args, message, tmp_path):
+    """As any user (no root needed to be refused): exit 1, the message, no traceback, no state."""
+    env = {**os.environ, "HASTACK_LAB_STATE": str(tmp_path / "state")}
+    r = inv(*args, inventory=PROJECT_ROOT / "inventory" / "lab.yml", env=env, timeout=120)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert not (tmp_path / "state").exists()
 
 
 def test_cached_root_name_follows_the_package_list(monkeypatch):
-    before = labmod.root_name()
-    monkeypatch.setattr(labmod, "DEBOOTSTRAP_ARGS", labmod.DEBOOTSTRAP_ARGS + ("--include=vim",))
-    assert labmod.root_name() != before and labmod.root_name().startswith("bookworm-")
+    before = labplan.root_name()
+    monkeypatch.setattr(labplan, "DEBOOTSTRAP_ARGS", labplan.DEBOOTSTRAP_ARGS + ("--include=vim",))
+    assert labplan.root_name() != before and labplan.root_name().startswith("bookworm-")
 
 
 def test_known_hosts_lines_are_replaced_and_others_kept(tmp_path):

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from fabfile import cluster, labfence
+from fabfile import cluster
 from fabfile.core import UserError
 from fabfile.core.inventory import load
 from fabfile.core.secrets import Secrets
 from fabfile.core.tasks import PROJECT_ROOT
+from fabfile.lab import fence
 from tests.unit.shipped import INVENTORIES
 
 LAB = load(PROJECT_ROOT / "inventory/lab.yml")
@@ -267,16 +268,16 @@ def test_agent_metadata_needs_no_config_it_cannot_read():
 
 
 def test_agent_and_listener_agree_on_the_signature():
-    assert AGENT.sign("k", "n1", "off", "h") == labfence.sign("k", "n1", "off", "h")
+    assert AGENT.sign("k", "n1", "off", "h") == fence.sign("k", "n1", "off", "h")
     hosts = {"postfix01": None}
-    good = f"off postfix01 {labfence.sign('k', 'n1', 'off', 'postfix01')}"
-    assert labfence.check_request(good, "n1", "k", hosts) == ("off", "postfix01")
+    good = f"off postfix01 {fence.sign('k', 'n1', 'off', 'postfix01')}"
+    assert fence.check_request(good, "n1", "k", hosts) == ("off", "postfix01")
     with pytest.raises(ValueError, match="bad signature"):
-        labfence.check_request(good, "n2", "k", hosts)  # replayed against a new nonce
+        fence.check_request(good, "n2", "k", hosts)  # replayed against a new nonce
     with pytest.raises(ValueError, match="not a host of this lab"):
-        labfence.check_request(f"off pxc9 {labfence.sign('k', 'n1', 'off', 'pxc9')}", "n1", "k", hosts)
+        fence.check_request(f"off pxc9 {fence.sign('k', 'n1', 'off', 'pxc9')}", "n1", "k", hosts)
     with pytest.raises(ValueError, match="unknown action"):
-        labfence.check_request(f"rm postfix01 {labfence.sign('k', 'n1', 'rm', 'postfix01')}", "n1", "k", hosts)
+        fence.check_request(f"rm postfix01 {fence.sign('k', 'n1', 'rm', 'postfix01')}", "n1", "k", hosts)
 
 
 def test_agent_talks_to_a_listener(monkeypatch):
@@ -293,7 +294,7 @@ def test_agent_talks_to_a_listener(monkeypatch):
             with conn, conn.makefile("rw") as f:
                 f.write("fence_lab 1 abc\n")
                 f.flush()
-                action, host, _mac = labfence.check_request(f.readline(), "abc", "k", state) + ("",)
+                action, host, _mac = fence.check_request(f.readline(), "abc", "k", state) + ("",)
                 if action == "off":
                     state[host] = "off"
                 f.write(f"ok {state[host]}\n")
