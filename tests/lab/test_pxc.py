@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 
 from fabfile import pxc
+from fabfile.core.sql import mysql_e
+from fabfile.core.topology import DATABASES, GALERA_CHECK_PORT, db_accounts, galera_address
 
 from tests.lab.labhost import recap
 
@@ -59,7 +61,7 @@ class Cluster:
         self.password = pysecrets.token_hex(16)
 
     def sql(self, node: str, query: str, *, check: bool = True) -> subprocess.CompletedProcess:
-        out = self.lab.run(node, pxc.mysql_cmd(query), timeout=60)
+        out = self.lab.run(node, mysql_e(query), timeout=60)
         if check:
             assert out.returncode == 0, f"{node}: {query}: {out.stderr}"
         return out
@@ -269,8 +271,8 @@ def test_row_through_proxy_is_read_on_every_node(cluster):
 
 def test_galera_check_answers_for_the_proxy(lab, cluster):
     for node in cluster.nodes:
-        addr = pxc.cluster_address(lab.inv, node)
-        out = lab.run(cluster.backend, f"curl -s -o /dev/null -w '%{{http_code}}' http://{addr}:{pxc.CHECK_PORT}/")
+        addr = galera_address(lab.inv, node)
+        out = lab.run(cluster.backend, f"curl -s -o /dev/null -w '%{{http_code}}' http://{addr}:{GALERA_CHECK_PORT}/")
         assert out.stdout == "200", f"{node}: galera-check answered {out.stdout!r} {out.stderr}"
 
 
@@ -296,17 +298,17 @@ def test_postfixadmin_tables_take_dml_under_strict_mode(lab, cluster):
 
 
 def test_mail_accounts_exist_host_limited(cluster):
-    for account in pxc.accounts(cluster.inv):
+    for account in db_accounts(cluster.inv):
         out = cluster.sql(cluster.nodes[-1], f"SELECT host FROM mysql.user WHERE user='{account.user}'")
         assert set(out.stdout.split()) == set(account.hosts), account.user
     out = cluster.sql(cluster.nodes[0], "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA")
-    assert set(pxc.DATABASES) <= set(out.stdout.split())
+    assert set(DATABASES) <= set(out.stdout.split())
 
 
 def test_account_drift_is_repaired(lab, cluster):
     """A password changed by hand, an extra grant, an account open to '%': the
     check run shows each, the deploy repairs them, the next run changes nothing."""
-    postfix = next(a for a in pxc.accounts(cluster.inv) if a.user == "postfix")
+    postfix = next(a for a in db_accounts(cluster.inv) if a.user == "postfix")
     host = postfix.hosts[0]
     cluster.sql(cluster.nodes[1], f"ALTER USER 'postfix'@'{host}' IDENTIFIED BY 'drifted-by-hand'; "
                                   f"GRANT INSERT ON postfix.* TO 'postfix'@'{host}'; "

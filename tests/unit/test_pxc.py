@@ -1,10 +1,16 @@
 """The Galera tier without hosts: rendered configs for both flavours, the
 bootstrap decision over canned evidence (grastate / wsrep-recover / live
-status), the deploy's formation decision, the command sequences, and the
-account/grant statements (including the converged case: no statements)."""
+status), the deploy's formation decision, the account/grant statements, and
+the command sequences against recording hosts (core.testing.RecordingRun):
+facts in, commands out, with an "already converged: no commands" case for
+each main step."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +18,14 @@ from pathlib import Path
 import pytest
 
 from fabfile import pxc
-from fabfile.core import templates
+from fabfile.core import HostFailed, Result, templates
 from fabfile.core.errors import UserError
 from fabfile.core.inventory import InventoryError, load, parse
-from fabfile.core.remote import APT_UPDATE
+from fabfile.core.remote import APT_UPDATE, POLICY_RC
 from fabfile.core.secrets import Secrets
+from fabfile.core.sql import mysql_native_hash
+from fabfile.core.testing import RecordingRun
+from fabfile.core.topology import DATABASES, db_accounts
 from fabfile.pxc import Node, decide, formation
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,6 +33,10 @@ LAB = load(ROOT / "inventory/lab.yml")  # mariadb + haproxy
 EXAMPLE = load(ROOT / "inventory/example.yml")  # percona + proxysql
 UUID = "775278dd-e61a-11f1-a3c6-9799e5a60d9f"
 OTHER_UUID = "11111111-2222-3333-4444-555555555555"
+GALERA = ("pxc1", "pxc2", "pxc3")
+# put() moves an uploaded file into place with plain commands (not changes): they succeed.
+WRITES = [(r"^(mkdir -p|chown|mv -f) ", Result())]
+STATE_QUERY = r"FROM mysql\.user WHERE user IN"  # the accounts step reading a node's databases and accounts
 
 
 @pytest.fixture
@@ -31,15 +44,15 @@ def secrets(tmp_path):
     return Secrets(tmp_path / "secrets.yml")
 
 
-def render(inv, name, host, secrets):
-    return templates.render(name, inv, host, secrets.get)
+def render(inv, name, host, secret):
+    return templates.render(name, inv, host, secret, **pxc.template_vars(inv, host, secret))
 
 
 # --- rendered configs ---------------------------------------------------------------
 
 
 def test_mariadb_config(secrets):
-    text = render(LAB, "pxc/etc/mysql/mariadb.conf.d/60-galera.cnf.j2", "pxc2", secrets)
+    text = render(LAB, "pxc/etc/mysql/mariadb.conf.d/60-galera.cnf.j2", "pxc2", secrets.get)
     assert text.startswith("# Managed by hastack")
     lines = {line.split("=", 1)[0].strip(): line.split("=", 1)[1].strip()
              for line in text.splitlines() if "=" in line and not line.startswith("#")}
@@ -56,13 +69,13 @@ def test_mariadb_config(secrets):
     # The MariaDB equivalent of pxc_strict_mode=ENFORCING.
     assert set(lines["wsrep_mode"].split(",")) == {"REQUIRED_PRIMARY_KEY", "STRICT_REPLICATION"}
     # Same cluster name on every node, each its own address.
-    other = render(LAB, "pxc/etc/mysql/mariadb.conf.d/60-galera.cnf.j2", "pxc3", secrets)
+    other = render(LAB, "pxc/etc/mysql/mariadb.conf.d/60-galera.cnf.j2", "pxc3", secrets.get)
     assert "wsrep_cluster_name = lab-mail" in text and "wsrep_cluster_name = lab-mail" in other
     assert "wsrep_node_address = 10.200.11.122" in other
 
 
 def test_percona_config(secrets):
-    text = render(EXAMPLE, "pxc/etc/mysql/mysql.conf.d/mysqld.cnf.j2", "pxc3", secrets)
+    text = render(EXAMPLE, "pxc/etc/mysql/mysql.conf.d/mysqld.cnf.j2", "pxc3", secrets.get)
     assert "pxc_strict_mode = ENFORCING" in text
     assert "innodb_flush_log_at_trx_commit = 1" in text
     assert "wsrep_provider = /usr/lib/galera4/libgalera_smm.so" in text
@@ -87,25 +100,25 @@ def test_flavour_command_sequences():
     assert (maria.start_cmd, percona.start_cmd) == ("systemctl start mariadb", "systemctl start mysql")
     pc = pxc.Decision("pxc1", "pc-bootstrap", (), ("pxc2",), ())
     (cmd,) = pxc.bootstrap_commands(maria, pc)
-    assert "pc.bootstrap=YES" in cmd and "SET GLOBAL wsrep_provider_options" in cmd
+    assert shlex.split(cmd)[-2:] == ["-e", "SET GLOBAL wsrep_provider_options='pc.bootstrap=YES'"]
     assert "--wsrep-recover" in pxc.recover_cmd(percona) and percona.daemon in pxc.recover_cmd(percona)
     assert pxc.recover_cmd(maria).count("mariadbd") == 1
 
 
 def test_dropin_keeps_crashed_nodes_down(secrets):
-    text = render(LAB, "pxc/etc/systemd/system/mariadb.service.d/hastack.conf.j2", "pxc1", secrets)
+    text = render(LAB, "pxc/etc/systemd/system/mariadb.service.d/hastack.conf.j2", "pxc1", secrets.get)
     assert "Restart=no" in text
 
 
 def test_galera_check_script(secrets, tmp_path):
-    text = render(LAB, "pxc/usr/local/bin/galera-check.j2", "pxc1", secrets)
+    text = render(LAB, "pxc/usr/local/bin/galera-check.j2", "pxc1", secrets.get)
     assert text.startswith("#!/bin/sh\n# Managed by hastack")
     script = tmp_path / "check"
     script.write_text(text)
     assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
-    cnf = render(LAB, "pxc/etc/mysql/galera-check.cnf.j2", "pxc1", secrets)
+    cnf = render(LAB, "pxc/etc/mysql/galera-check.cnf.j2", "pxc1", secrets.get)
     assert "user = monitor" in cnf and secrets.get("pxc_monitor_password") in cnf
-    sock = render(LAB, "pxc/etc/systemd/system/galera-check.socket.j2", "pxc1", secrets)
+    sock = render(LAB, "pxc/etc/systemd/system/galera-check.socket.j2", "pxc1", secrets.get)
     assert "ListenStream=10.200.11.120:9200" in sock
 
 
@@ -277,11 +290,11 @@ def test_cluster_with_history_but_no_primary_needs_pxc_bootstrap():
 
 def test_native_hash_matches_mysql():
     # SELECT PASSWORD('password') on MariaDB / MySQL 5.7.
-    assert pxc.native_hash("password") == "*2470C0C06DEE42FD1618BB99005ADCA2EC9D1E19"
+    assert mysql_native_hash("password") == "*2470C0C06DEE42FD1618BB99005ADCA2EC9D1E19"
 
 
 def test_accounts_are_host_limited():
-    accounts = {a.user: a for a in pxc.accounts(LAB)}
+    accounts = {a.user: a for a in db_accounts(LAB)}
     assert set(accounts) == {"sst", "monitor", "postfixadmin", "postfix", "dovecot", "roundcube"}
     backends = ("10.200.11.113", "10.200.11.114", "10.200.11.115")
     for user in ("postfixadmin", "postfix", "dovecot"):
@@ -292,15 +305,16 @@ def test_accounts_are_host_limited():
     assert accounts["postfix"].grants == {"postfix": ("SELECT",)}
     assert accounts["monitor"].grants == {}
     # PXC 8.0 makes its own SST user.
-    assert "sst" not in {a.user for a in pxc.accounts(EXAMPLE)}
+    assert "sst" not in {a.user for a in db_accounts(EXAMPLE)}
 
 
-def _converged_state(inv, password) -> str:
-    lines = [f"db {d}" for d in pxc.DATABASES]
+def converged_state(inv, password) -> str:
+    """STATE_SQL's output on a node where every database, table, account and grant is as wanted."""
+    lines = [f"db {d}" for d in DATABASES]
     lines += [f"table {db} {t}" for db, t in pxc.PRECREATED_TABLES]
-    for a in pxc.accounts(inv):
+    for a in db_accounts(inv):
         for host in a.hosts:
-            lines.append(f"user {a.user} {host} mysql_native_password {pxc.native_hash(password(a.secret))}")
+            lines.append(f"user {a.user} {host} mysql_native_password {mysql_native_hash(password(a.secret))}")
             for schema, privs in a.grants.items():
                 for p in privs:
                     lines.append(f"grant '{a.user}'@'{host}' {schema} {p}")
@@ -316,7 +330,7 @@ def test_sql_changes_from_nothing(secrets):
         "CREATE DATABASE IF NOT EXISTS `postfix` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
         "CREATE DATABASE IF NOT EXISTS `roundcube` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
     ]
-    h = pxc.native_hash(secrets.get("mail_db_postfix"))
+    h = mysql_native_hash(secrets.get("mail_db_postfix"))
     assert f"CREATE USER 'postfix'@'10.200.11.113' IDENTIFIED BY PASSWORD '{h}'" in stmts
     assert "GRANT SELECT ON `postfix`.* TO 'postfix'@'10.200.11.113'" in stmts
     assert "GRANT RELOAD, PROCESS, LOCK TABLES, BINLOG MONITOR ON *.* TO 'sst'@'localhost'" in stmts
@@ -338,17 +352,17 @@ def test_postfixadmin_tables_without_early_primary_key_are_precreated(secrets):
 
 def test_percona_statements_use_native_password_plugin(secrets):
     stmts = [s for s, _ in pxc.sql_changes(EXAMPLE, "", secrets.get)]
-    h = pxc.native_hash(secrets.get("mail_db_dovecot"))
+    h = mysql_native_hash(secrets.get("mail_db_dovecot"))
     assert f"CREATE USER 'dovecot'@'10.10.11.113' IDENTIFIED WITH mysql_native_password AS '{h}'" in stmts
 
 
 def test_sql_changes_converged_is_empty(secrets):
-    assert pxc.sql_changes(LAB, _converged_state(LAB, secrets.get), secrets.get) == []
+    assert pxc.sql_changes(LAB, converged_state(LAB, secrets.get), secrets.get) == []
 
 
 def test_sql_changes_repairs_drift(secrets):
-    state = _converged_state(LAB, secrets.get)
-    state = state.replace(pxc.native_hash(secrets.get("mail_db_dovecot")), "*0000", 1)
+    state = converged_state(LAB, secrets.get)
+    state = state.replace(mysql_native_hash(secrets.get("mail_db_dovecot")), "*0000", 1)
     state += "user postfix 10.200.11.99 mysql_native_password *1234\n"
     state += "grant 'postfix'@'10.200.11.113' postfix INSERT\n"
     stmts = [s for s, _ in pxc.sql_changes(LAB, state, secrets.get)]
@@ -356,6 +370,245 @@ def test_sql_changes_repairs_drift(secrets):
     assert any(s.startswith("ALTER USER 'dovecot'@'10.200.11.113' IDENTIFIED BY PASSWORD") for s in stmts)
     assert "REVOKE INSERT ON `postfix`.* FROM 'postfix'@'10.200.11.113'" in stmts
     assert len(stmts) == 3
+
+
+def test_a_host_read_back_from_the_server_is_a_sql_literal(secrets):
+    """A host name the server reports (an account someone made by hand) is quoted, not pasted."""
+    state = converged_state(LAB, secrets.get) + "user postfix x'@'%';DROP\\ mysql_native_password *1\n"
+    (stmt,) = [s for s, _ in pxc.sql_changes(LAB, state, secrets.get)]
+    assert stmt == "DROP USER 'postfix'@'x\\'@\\'%\\';DROP\\\\'"
+
+
+# --- the accounts step on a node (recording host) ------------------------------------------
+
+
+def test_accounts_step_creates_through_stdin():
+    run = RecordingRun(LAB, answers={"pxc1": [(STATE_QUERY, Result())]})  # nothing there yet
+    h = run.session("pxc1")
+    pxc._accounts(h)
+    (state_query,) = [c for c in h.commands if c not in h.changes]
+    assert shlex.split(state_query)[:3] == ["mysql", "--connect-timeout=10", "-NB"]
+    assert h.changes and set(h.changes) == {"mysql --connect-timeout=10 -NB"}
+    statements = [stdin for _, stdin in h.stdins]
+    assert statements[0] == ("CREATE DATABASE IF NOT EXISTS `postfix` CHARACTER SET utf8mb4 "
+                             "COLLATE utf8mb4_unicode_ci;\n")
+    assert len(statements) == len(pxc.sql_changes(LAB, "", run.secret))
+    # Passwords reach neither a command line nor a statement (hashes only).
+    for a in db_accounts(LAB):
+        assert not any(run.secret(a.secret) in c for c in h.commands + statements)
+
+
+def test_accounts_step_converged_changes_nothing():
+    run = RecordingRun(LAB, answers={
+        "pxc1": [(STATE_QUERY, lambda cmd, stdin: Result(converged_state(LAB, run.secret)))]})
+    h = run.session("pxc1")
+    pxc._accounts(h)
+    assert h.changes == []
+    assert h.reported("ok") == ["databases postfix, roundcube and 6 accounts as wanted"]
+
+
+# --- the install step on a host (recording host) -------------------------------------------
+
+
+def assert_changes(h, expected):
+    """``h.changes`` one by one: a string is the exact command, a compiled pattern matches its start."""
+    assert len(h.changes) == len(expected), "\n".join(h.changes)
+    for got, want in zip(h.changes, expected):
+        assert (want.match(got) if isinstance(want, re.Pattern) else got == want), (got, want)
+
+
+def uploaded(h) -> set[str]:
+    return {path.removesuffix(".hastack-new") for path in h.uploads}
+
+
+def test_percona_install_sequence():
+    run = RecordingRun(EXAMPLE, answers={"*": WRITES})  # a fresh host: every probe fails (nothing there yet)
+    h = run.session("pxc1")
+    assert pxc._install(h, pxc.FLAVOURS["percona"]) is True
+    assert_changes(h, [
+        re.compile(r"curl -fsSLo /tmp/percona-release.deb https://repo\.percona\.com/apt/"),
+        "percona-release enable-only pxc-80 release && percona-release enable tools release && " + APT_UPDATE,
+        # No service may start while the packages install: policy-rc.d before, removed after.
+        re.compile(rf"printf %s .* > {POLICY_RC} && chmod 0755 {POLICY_RC}$", re.S),
+        re.compile(r"DEBIAN_FRONTEND=noninteractive apt-get install .* percona-xtradb-cluster rsync socat \|\| "),
+        f"rm -f {POLICY_RC}",
+        "usermod -aG ssl-cert mysql",
+        "systemctl daemon-reload",  # the mysql.service drop-in
+        "systemctl enable mysql",  # enabled, not started: the formation steps start it
+        "systemctl daemon-reload",  # the galera-check units
+        "systemctl enable galera-check.socket",
+        "systemctl start galera-check.socket",
+    ])
+    assert uploaded(h) == {"/etc/mysql/mysql.conf.d/mysqld.cnf", "/etc/systemd/system/mysql.service.d/hastack.conf",
+                           "/etc/mysql/galera-check.cnf", "/usr/local/bin/galera-check",
+                           "/etc/systemd/system/galera-check.socket", "/etc/systemd/system/galera-check@.service"}
+    assert "chown root:mysql /etc/mysql/mysql.conf.d/mysqld.cnf.hastack-new && chmod 0640 " \
+           "/etc/mysql/mysql.conf.d/mysqld.cnf.hastack-new" in h.commands
+    assert not any("mariadb" in c for c in h.commands)
+
+
+def test_mariadb_install_sequence():
+    run = RecordingRun(LAB, answers={"*": WRITES})
+    h = run.session("pxc2")
+    assert pxc._install(h, pxc.FLAVOURS["mariadb"]) is True
+    assert_changes(h, [
+        "systemctl disable --now mariadb.socket && systemctl mask mariadb.socket",
+        re.compile(r"DEBIAN_FRONTEND=noninteractive apt-get install .* "
+                   r"galera-4 mariadb-backup mariadb-client mariadb-server rsync socat \|\| "),
+        "systemctl daemon-reload",
+        "systemctl enable mariadb",
+        "systemctl daemon-reload",
+        "systemctl enable galera-check.socket",
+        "systemctl start galera-check.socket",
+    ])
+    assert "/etc/mysql/mariadb.conf.d/60-galera.cnf" in uploaded(h)
+    assert not any("policy-rc.d" in c for c in h.commands)
+
+
+def files_of(flav) -> dict[str, tuple[str, str]]:
+    """What the tier puts on a Galera node: path -> (template, owner:group:mode)."""
+    return {
+        flav.config_path: (flav.config_template, "root:mysql:640"),
+        flav.dropin_path: (flav.dropin_template, "root:root:644"),
+        "/etc/mysql/galera-check.cnf": ("pxc/etc/mysql/galera-check.cnf.j2", "root:nogroup:640"),
+        "/usr/local/bin/galera-check": ("pxc/usr/local/bin/galera-check.j2", "root:root:755"),
+        "/etc/systemd/system/galera-check.socket": ("pxc/etc/systemd/system/galera-check.socket.j2", "root:root:644"),
+        "/etc/systemd/system/galera-check@.service": ("pxc/etc/systemd/system/galera-check@.service.j2",
+                                                      "root:root:644"),
+    }
+
+
+def installed(inv, host, secret) -> list:
+    """The facts of a node where the install step already ran: packages, repository, files, units."""
+    flav = pxc.flavour(inv)
+    files = files_of(flav)
+
+    def stat(cmd, stdin):
+        path = re.match(r"stat -c '%U:%G:%a' (\S+) ", cmd)[1]
+        template, meta = files[path]
+        digest = hashlib.sha256(render(inv, template, host, secret).encode()).hexdigest()
+        return Result(f"{meta}\n{digest}  {path}\n")
+
+    return [
+        (r"^dpkg-query -W -f='\$\{Status\}' percona-release", Result()),
+        (r"^test -e /etc/apt/sources.list.d/percona-pxc-80-release.list$", Result()),
+        (r"^! systemctl is-enabled -q mariadb.socket", Result()),
+        (r"^dpkg-query -W -f='\$\{Package\} ", Result("".join(f"{p} installed\n" for p in flav.packages))),
+        (r"^id -nG mysql \| grep -qw ssl-cert$", Result()),
+        (r"^stat -c '%U:%G:%a' (\S+) && sha256sum", stat),
+        (rf"^systemctl is-enabled -q {flav.service}$", Result()),
+        (r"^systemctl is-enabled galera-check.socket$", Result("enabled\n")),
+        (r"^systemctl is-active galera-check.socket$", Result("active\n")),
+    ]
+
+
+@pytest.mark.parametrize("inv", [LAB, EXAMPLE], ids=["mariadb", "percona"])
+def test_install_already_converged_changes_nothing(inv):
+    run = RecordingRun(inv, answers={"pxc1": installed(inv, "pxc1", lambda name: run.secret(name))})
+    h = run.session("pxc1")
+    assert pxc._install(h, pxc.flavour(inv)) is False
+    assert h.changes == [] and h.uploads == {}
+    assert h.reported("changed") == []
+
+
+# --- a simulated cluster: the deploy and pxc.bootstrap, commands out -------------------------
+
+
+class Cluster:
+    """Answers for the Galera nodes of ``inv`` as a cluster would: which mysqld runs,
+    what grastate.dat and --wsrep-recover say; the flavour's start/stop/bootstrap
+    commands change it. ``events`` records, in order over every node, the starts,
+    stops and SQL statements."""
+
+    def __init__(self, inv, *, running=(), seqnos=None, recovered=None):
+        self.flav = pxc.flavour(inv)
+        self.running = set(running)
+        self.seqnos = seqnos or {}  # node -> grastate seqno; absent: no Galera history
+        self.recovered = recovered or {}  # node -> what --wsrep-recover finds
+        self.events: list[tuple[str, str]] = []
+
+    def __call__(self, h, cmd, stdin):
+        f = self.flav
+        if cmd == f"pidof {f.daemon}":
+            return Result("4242\n") if h.name in self.running else Result(exited=1)
+        if cmd == "cat /var/lib/mysql/grastate.dat":
+            if h.name not in self.seqnos:
+                return Result(exited=1)
+            return Result(f"version: 2.1\nuuid: {UUID}\nseqno: {self.seqnos[h.name]}\nsafe_to_bootstrap: 0\n")
+        if "SHOW GLOBAL STATUS" in cmd and h.name in self.running:
+            return Result(f"wsrep_cluster_status\tPrimary\nwsrep_local_state_comment\tSynced\n"
+                          f"wsrep_cluster_size\t{len(self.running)}\nwsrep_cluster_state_uuid\t{UUID}\n"
+                          f"wsrep_last_committed\t40\nwsrep_on\t1\n")
+        if "--wsrep-recover" in cmd and h.name in self.recovered:
+            return Result(f"[Note] WSREP: Recovered position: {UUID}:{self.recovered[h.name]}\n")
+        if cmd in (f.bootstrap_cmd, f.start_cmd, f.stop_cmd):
+            (self.running.add if cmd != f.stop_cmd else self.running.discard)(h.name)
+            self.events.append((h.name, cmd))
+            return Result()
+        if stdin is not None and cmd.startswith("mysql "):
+            self.events.append((h.name, stdin.split(" ", 1)[0]))
+        return None  # the host's rules answer
+
+
+def test_fresh_deploy_bootstraps_the_first_node_then_joins_the_others_one_by_one():
+    cluster = Cluster(LAB)
+    run = RecordingRun(LAB, responder=cluster, answers={"*": [*WRITES, (STATE_QUERY, Result())]})
+    pxc.converge(run)
+    starts = [e for e in cluster.events if e[1] not in ("CREATE", "GRANT")]
+    assert starts == [("pxc1", "galera_new_cluster"), ("pxc2", "systemctl start mariadb"),
+                      ("pxc3", "systemctl start mariadb")]
+    # The databases and accounts on the bootstrap node, before anyone joins (the SST user).
+    sql = [i for i, e in enumerate(cluster.events) if e[1] in ("CREATE", "GRANT")]
+    assert sql and all(cluster.events[i][0] == "pxc1" for i in sql)
+    assert cluster.events.index(("pxc2", "systemctl start mariadb")) > max(sql)
+    assert cluster.running == set(GALERA)
+
+
+@pytest.mark.parametrize("inv", [LAB, EXAMPLE], ids=["mariadb", "percona"])
+def test_deploy_of_a_converged_cluster_changes_nothing(inv):
+    cluster = Cluster(inv, running=GALERA, seqnos=dict.fromkeys(GALERA, -1))
+    secret = lambda name: run.secret(name)  # noqa: E731 - the run is made below
+    answers = {n: [*installed(inv, n, secret),
+                   (STATE_QUERY, lambda cmd, stdin: Result(converged_state(inv, secret))),
+                   (r"^pid=\$\(pidof", Result("1000 900 900\n"))]  # started after its config was written
+               for n in GALERA}
+    run = RecordingRun(inv, responder=cluster, answers=answers)
+    pxc.converge(run)
+    for n in GALERA:
+        assert run.session(n).changes == [], n
+    assert cluster.events == []
+    assert "cluster size 3, Synced: Primary Synced size 3" in run.session("pxc3").reported("ok")
+
+
+def test_bootstrap_chooses_the_most_advanced_node_and_starts_the_others():
+    cluster = Cluster(LAB, seqnos={"pxc1": 10, "pxc2": -1, "pxc3": 11}, recovered={"pxc2": 12})
+    run = RecordingRun(LAB, responder=cluster)
+    pxc.bootstrap.body.runbook(run, yes=True)
+    assert run.session("pxc2").changes == [
+        "sed -i 's/^safe_to_bootstrap:.*/safe_to_bootstrap: 1/' /var/lib/mysql/grastate.dat",
+        "galera_new_cluster",
+    ]
+    assert run.session("pxc1").changes == run.session("pxc3").changes == ["systemctl start mariadb"]
+    assert cluster.events == [("pxc2", "galera_new_cluster"), ("pxc1", "systemctl start mariadb"),
+                              ("pxc3", "systemctl start mariadb")]
+    assert "-> pxc2" in run.output and "pxc2 has the highest seqno (12)" in run.output
+
+
+def test_bootstrap_without_a_terminal_needs_yes(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    cluster = Cluster(LAB, seqnos={"pxc1": 10, "pxc2": 12, "pxc3": 11})
+    run = RecordingRun(LAB, responder=cluster)
+    with pytest.raises(UserError, match="no terminal to confirm on: re-run with --yes"):
+        pxc.bootstrap.body.runbook(run)
+    assert all(run.session(n).changes == [] for n in GALERA)
+    assert "plan: bootstrap a new cluster from pxc2 (galera_new_cluster)" in run.output
+
+
+def test_wait_gives_up_when_mysqld_is_not_running(monkeypatch):
+    monkeypatch.setattr(pxc, "DOWN_GRACE", -1)  # what 15 s without a mysqld look like, without waiting
+    run = RecordingRun(LAB, responder=Cluster(LAB))
+    with pytest.raises(HostFailed, match=r"gave up waiting for Synced: mysqld is not running .*journalctl -u mariadb"):
+        pxc.wait_node(run.session("pxc1"), lambda n: n.synced, "Synced")
 
 
 # --- bad input ----------------------------------------------------------------------------
@@ -389,70 +642,3 @@ def test_tasks_are_listed():
     out = _inv("--list")
     for name in ("pxc.deploy", "pxc.bootstrap", "pxc.status", "dbproxy.deploy"):
         assert name in out.stdout
-
-
-# --- the percona install sequence, against a recording stand-in for a host -------------------
-
-
-class FakeHost:
-    """Records what the tier asks of a host; probes answer from ``answers`` (default: fail)."""
-
-    def __init__(self, inv, name, secrets, answers=None):
-        self.inv, self.name, self.answers, self.calls = inv, name, answers or {}, []
-        self.run = type("R", (), {"secret": staticmethod(secrets.get), "check": False})()
-        self._secrets = secrets
-
-    def probe(self, cmd, **_):
-        ok = next((v for k, v in self.answers.items() if k in cmd), False)
-        return type("Res", (), {"ok": ok, "stdout": "", "stderr": ""})()
-
-    def ensure(self, present, fix, message):
-        self.calls.append(("ensure", fix))
-        return True
-
-    def packages(self, names):
-        self.calls.append(("packages", tuple(sorted(names))))
-        return True
-
-    def template(self, name, dest, **kw):
-        templates.render(name, self.inv, self.name, self._secrets.get)  # must render
-        self.calls.append(("template", dest))
-        return True
-
-    def sh(self, cmd, **kw):
-        self.calls.append(("sh", cmd))
-
-    def service(self, name, **kw):
-        self.calls.append(("service", name))
-
-    def note(self, msg):
-        pass
-
-
-def test_percona_install_sequence(secrets):
-    h = FakeHost(EXAMPLE, "pxc1", secrets)
-    pxc._install(h, pxc.FLAVOURS["percona"])
-    calls = h.calls
-    kinds = [c[0] + ":" + str(c[1]) for c in calls]
-    assert "percona-release" in calls[0][1] and "repo.percona.com" in calls[0][1]
-    assert calls[1] == ("ensure", "percona-release enable-only pxc-80 release && percona-release enable tools "
-                                  "release && " + APT_UPDATE)
-    i_policy = kinds.index("template:/usr/sbin/policy-rc.d")
-    i_pkgs = kinds.index("packages:('percona-xtradb-cluster', 'rsync', 'socat')")
-    i_rm = kinds.index("sh:rm -f /usr/sbin/policy-rc.d")
-    assert i_policy < i_pkgs < i_rm, "no service may start while the packages install"
-    assert ("ensure", "usermod -aG ssl-cert mysql") in calls
-    assert ("template", "/etc/mysql/mysql.conf.d/mysqld.cnf") in calls
-    assert ("template", "/etc/systemd/system/mysql.service.d/hastack.conf") in calls
-    assert ("sh", "systemctl daemon-reload") in calls
-    assert ("service", "galera-check.socket") in calls
-    assert not any("mariadb" in str(c[1]) for c in calls)
-
-
-def test_mariadb_install_sequence(secrets):
-    h = FakeHost(LAB, "pxc2", secrets)
-    pxc._install(h, pxc.FLAVOURS["mariadb"])
-    assert h.calls[0] == ("ensure", "systemctl disable --now mariadb.socket && systemctl mask mariadb.socket")
-    assert ("packages", ("galera-4", "mariadb-backup", "mariadb-client", "mariadb-server", "rsync", "socat")) in h.calls
-    assert ("template", "/etc/mysql/mariadb.conf.d/60-galera.cnf") in h.calls
-    assert not any("policy-rc.d" in str(c[1]) for c in h.calls)
