@@ -3,8 +3,8 @@ one Erlang cluster, SQL auth and storage on the PostgreSQL primary, TLS from the
 site CA.
 
 Runbook:
-1. Packages. ejabberd is installed with a policy-rc.d that forbids starting
-   services, so it never starts under Debian's default node name: the node
+1. Packages, installed without starting any service (policy-rc.d), so
+   ejabberd never starts under Debian's default node name: the node
    name `ejabberd@<host>` is in /etc/default/ejabberd (= ejabberdctl.cfg)
    before the first start, and no mnesia rename is ever needed.
 2. Files: ejabberdctl.cfg (node name, distribution port window 4200-4210 on the
@@ -21,55 +21,46 @@ Runbook:
    skipped when `list_cluster` already shows both.
 
 Ops tasks (register-user, unregister-user, change-password, list-users,
-cluster-status) work against whichever ejabberd node answers.
+cluster-status) work against whichever ejabberd node answers. User names are
+checked (RFC 7622 localpart) before any connection and quoted on the command
+line; passwords (--password, --password-file FILE or -, else a hidden prompt)
+reach ejabberdctl on standard input only.
 """
 
 from __future__ import annotations
 
-import getpass
 import re
-import shlex
 
 import yaml
 from invoke import Collection
 
-from . import pki, postgres
-from .base import service_address
-from .core import HostFailed, HostSession, Run, UserError, runbook
-from .core.templates import HEADER_MARK
+from .core import HostFailed, HostSession, Run, UserError, join, prompt, q, runbook, topology
 from .core.inventory import Inventory
+from .core.sql import pg_ident, psql, psql_c
+from .core.templates import HEADER_MARK
 
-ROLE = "ejabberd"
+ROLE = topology.EJABBERD
 PACKAGES = ["ejabberd", "erlang-p1-pgsql", "postgresql-client", "ssl-cert"]
 CONFIG = "/etc/ejabberd/ejabberd.yml"
 CTL_CONFIG = "/etc/default/ejabberd"  # /etc/ejabberd/ejabberdctl.cfg links here
 COOKIE = "/var/lib/ejabberd/.erlang.cookie"
 SCHEMA = "/usr/share/ejabberd/sql/pg.sql"
 SECRET_COOKIE = "ejabberd_erlang_cookie"
-POLICY_RC = "/usr/sbin/policy-rc.d"
 DIST_PORTS = "4200-4210"
 CTL = "ejabberdctl"
-WAIT_STARTED = f"for i in $(seq 90); do {CTL} status >/dev/null 2>&1 && exit 0; sleep 1; done; exit 1"
+STATUS = f"{CTL} status"
+STARTED = f"{STATUS} >/dev/null 2>&1"  # the node answers (awaited with h.wait_for)
+START_TIMEOUT = 90
 
 # RFC 7622 localpart (nodeprep): no spaces, no "&'/:<>@ and no control characters.
-LOCALPART = re.compile(r"^[^\s\"&'/:<>@\x00-\x1f\x7f]{1,1023}$")
+LOCALPART = re.compile(r"[^\s\"&'/:<>@\x00-\x1f\x7f]{1,1023}")
 
 
 # --- what the inventory says ------------------------------------------------------------
 
 
-def nodes(inv: Inventory) -> list[str]:
-    return inv.with_role(ROLE)
-
-
 def node_name(host: str) -> str:
     return f"ejabberd@{host}"
-
-
-def domain(inv: Inventory) -> str:
-    if inv.xmpp is None:
-        raise UserError(f"{inv.path}: the inventory has no 'xmpp' section")
-    return inv.xmpp.domain
 
 
 def admin_jids(inv: Inventory) -> list[str]:
@@ -81,7 +72,7 @@ def admin_jids(inv: Inventory) -> list[str]:
 
 def parse_jid(inv: Inventory, user: str) -> tuple[str, str]:
     """(localpart, domain) of USER or USER@DOMAIN; a UserError names what is wrong."""
-    dom = domain(inv)
+    dom = topology.xmpp_domain(inv)
     if not user or not user.strip():
         raise UserError("empty user name; give USER or USER@" + dom)
     local, at, host = user.partition("@")
@@ -89,9 +80,9 @@ def parse_jid(inv: Inventory, user: str) -> tuple[str, str]:
         raise UserError(f"{user!r} is not a bare JID (no /resource); give USER or USER@{dom}")
     if at and host.lower() != dom:
         raise UserError(f"{user!r}: domain {host!r} is not served here (the XMPP domain is {dom})")
-    if not LOCALPART.match(local):
-        raise UserError(f"{user!r} is not a valid JID: the user part may not be empty or contain spaces "
-                        "or any of \" & ' / : < > @")
+    if not LOCALPART.fullmatch(local):
+        raise UserError(f"{user!r} is not a valid JID: the user part may not be empty or contain spaces, "
+                        "control characters or any of \" & ' / : < > @")
     return local.lower(), dom
 
 
@@ -104,31 +95,22 @@ def check_password(password: str | None) -> str:
 
 
 def template_vars(inv: Inventory, host: str, secret) -> dict:
-    prim = inv.with_role(postgres.PRIMARY_ROLE)
+    prim = inv.with_role(topology.PG_PRIMARY)
     return {
         "xmpp_domain": inv.xmpp.domain if inv.xmpp else inv.site.domain,
         "xmpp_admins": admin_jids(inv),
         "ejabberd_node": node_name(host),
         "ejabberd_dist_ports": DIST_PORTS,
-        "ejabberd_dist_address": service_address(inv, host),
-        "ejabberd_cert": pki.cert_path(host),
-        "ejabberd_key": pki.key_path(host),
-        "ejabberd_ca": pki.CA_FILE,
-        "ejabberd_sql_server": service_address(inv, prim[0]) if prim else "",
-        "ejabberd_sql_database": postgres.DB,
-        "ejabberd_sql_user": postgres.DB_USER,
-        "ejabberd_sql_password": secret(postgres.SECRET_DB),
+        "ejabberd_dist_address": inv.service_address(host),
+        "ejabberd_cert": topology.cert_path(host),
+        "ejabberd_key": topology.key_path(host),
+        "ejabberd_ca": topology.CA_FILE,
+        "ejabberd_sql_server": inv.service_address(prim[0]) if prim else "",
+        "ejabberd_sql_database": topology.XMPP_DB,
+        "ejabberd_sql_user": topology.XMPP_DB_USER,
+        "ejabberd_sql_password": secret(topology.XMPP_DB_SECRET),
         "ejabberd_cookie": secret(SECRET_COOKIE),
     }
-
-
-def render_config(inv: Inventory, host: str, secret) -> str:
-    """ejabberd.yml for ``host``, checked: valid YAML with the settings we rely on."""
-    from .core import templates
-
-    text = templates.render("ejabberd/etc/ejabberd/ejabberd.yml.j2", inv, host, secret)
-    check_config(text, domain(inv))
-    return text
 
 
 def check_config(text: str, dom: str) -> dict:
@@ -160,44 +142,31 @@ def converge(run: Run) -> None:
         run.report.note("ejabberd: no hosts selected")
         return
     run.secret(SECRET_COOKIE)
-    run.secret(postgres.SECRET_DB)
+    run.secret(topology.XMPP_DB_SECRET)
     run.step("ejabberd: packages (not started under a default node name)", hosts, _packages)
     changed: dict[str, bool] = {}
     run.step("ejabberd: configuration, certificate access, Erlang cookie", hosts,
              lambda h: changed.__setitem__(h.name, _configure(h)))
-    prim = postgres.primary(inv)
-    first = nodes(inv)[0]
-    schema: dict[str, str] = {}
-    if first in hosts or prim in run.hosts(postgres.PRIMARY_ROLE):
-        run.step("ejabberd: SQL schema on the PostgreSQL primary (once)", [prim],
-                 lambda h: _schema(h, run, first, schema))
+    prim = topology.pg_primary(inv)
+    first = topology.ejabberd_nodes(inv)[0]
+    if first in hosts or prim in run.hosts(topology.PG_PRIMARY):
+        run.step("ejabberd: SQL schema on the PostgreSQL primary (once)", [prim], lambda h: _schema(h, first))
     run.step("ejabberd: running", hosts, lambda h: _running(h, changed.get(h.name, False)))
     joiners = [h for h in hosts if h != first]
     run.step(f"ejabberd: cluster ({node_name(first)})", joiners, lambda h: _join(h, first))
 
 
 def _packages(h: HostSession) -> None:
-    have = h.probe("dpkg-query -W -f='${db:Status-Status}' ejabberd").stdout.strip()
-    if have != "installed":
-        if h.probe(f"test -e {POLICY_RC}").ok and not h.probe(f"grep -q hastack {POLICY_RC}").ok:
-            raise HostFailed(f"{POLICY_RC} exists and is not ours; refusing to replace it to install ejabberd")
-        # A policy-rc.d (exit 101) keeps the package from starting ejabberd (and
-        # epmd) as ejabberd@localhost before our node name is in place.
-        h.sh(f"printf '#!/bin/sh\\n# hastack: no service starts while ejabberd is installed\\nexit 101\\n' "
-             f"> {POLICY_RC} && chmod 0755 {POLICY_RC}",
-             message=f"{POLICY_RC}: no service starts during the install")
-        try:
-            h.packages(PACKAGES)
-        finally:
-            h.sh(f"rm -f {POLICY_RC}", message=f"remove {POLICY_RC}")
-    else:
-        h.packages(PACKAGES)
+    # No service starts during the install: the package would start ejabberd (and
+    # epmd) as ejabberd@localhost before our node name is in place.
+    h.packages(PACKAGES, no_start=True)
 
 
 def _configure(h: HostSession) -> bool:
-    inv = h.inv
+    tvars = h.tier_vars(template_vars)
+    dom = topology.xmpp_domain(h.inv)
     changed = False
-    ours = h.probe(f"grep -qF '{HEADER_MARK}' {CTL_CONFIG}").ok
+    ours = h.probe(f"grep -qF {q(HEADER_MARK)} {CTL_CONFIG}").ok
     if not ours and h.probe("test -e /var/lib/ejabberd/schema.DAT").ok:
         # ejabberd ran before we named the node (installed by hand): its mnesia
         # schema belongs to another node name, and ejabberd@<host> would not start.
@@ -207,13 +176,14 @@ def _configure(h: HostSession) -> bool:
             "(ejabberdctl backup, mnesia_change_nodename, install_fallback) or, if the node holds nothing "
             "(users and data are in PostgreSQL), stop ejabberd, remove /var/lib/ejabberd/*.DAT *.LOG *.DCD "
             "and deploy again")
-    changed |= h.template("ejabberd/etc/default/ejabberd.j2", CTL_CONFIG, validate="sh -n {}")
-    text = render_config(inv, h.name, h.run.secret)
-    # Only against a running service: any ejabberdctl call starts an epmd of its own
-    # when none listens, which would then keep epmd.socket from starting.
+    changed |= h.template("ejabberd/etc/default/ejabberd.j2", CTL_CONFIG, tvars, validate="sh -n {}")
+    # ejabberd.yml is parsed here before upload (check_config); then `reload_config`
+    # checks it, only against a running service: any ejabberdctl call starts an epmd
+    # of its own when none listens, which would then keep epmd.socket from starting.
     running = "if systemctl is-active --quiet ejabberd; then ejabberdctl reload_config; fi"
-    changed |= h.put(text, CONFIG, owner="ejabberd", group="ejabberd", mode="0600", validate=running)
-    changed |= h.template("ejabberd/var/lib/ejabberd/.erlang.cookie.j2", COOKIE, owner="ejabberd",
+    changed |= h.template("ejabberd/etc/ejabberd/ejabberd.yml.j2", CONFIG, tvars, owner="ejabberd", group="ejabberd",
+                          mode="0600", validate=running, check=lambda text: check_config(text, dom))
+    changed |= h.template("ejabberd/var/lib/ejabberd/.erlang.cookie.j2", COOKIE, tvars, owner="ejabberd",
                           group="ejabberd", mode="0400")
     if h.probe("id -nG ejabberd | tr ' ' '\\n' | grep -qx ssl-cert").ok:
         h.ok("user ejabberd in group ssl-cert (reads its key)")
@@ -223,20 +193,20 @@ def _configure(h: HostSession) -> bool:
     return changed
 
 
-def _schema(h: HostSession, run: Run, first: str, out: dict) -> None:
-    present = h.probe(postgres._sql("SELECT to_regclass('public.users') IS NOT NULL", postgres.DB))
+def _schema(h: HostSession, first: str) -> None:
+    db, owner = topology.XMPP_DB, topology.XMPP_DB_USER
+    present = h.probe(psql_c("SELECT to_regclass('public.users') IS NOT NULL", db))
     if present.ok and present.stdout.strip() == "t":
-        h.ok(f"ejabberd schema present in database {postgres.DB}")
+        h.ok(f"ejabberd schema present in database {db}")
         return
-    if run.check:
-        h.changed(f"would load {SCHEMA} (from {first}) into database {postgres.DB} as {postgres.DB_USER}")
+    if h.run.check:
+        h.changed(f"would load {SCHEMA} (from {first}) into database {db} as {owner}")
         return
-    sql = run.session(first).read(f"cat {SCHEMA}")
+    sql = h.run.session(first).read(f"cat {SCHEMA}")
     if "CREATE TABLE users" not in sql:
         raise HostFailed(f"{first}:{SCHEMA} does not look like ejabberd's PostgreSQL schema")
-    stdin = f'SET ROLE "{postgres.DB_USER}";\nBEGIN;\n{sql}\nCOMMIT;\n'
-    h.sh(f"{postgres.PSQL} -d {postgres.DB} -f -", stdin=stdin,
-         message=f"load ejabberd's {SCHEMA} into {postgres.DB} (tables owned by {postgres.DB_USER})")
+    stdin = f"SET ROLE {pg_ident(owner)};\nBEGIN;\n{sql}\nCOMMIT;\n"
+    h.sh(f"{psql(db)} -f -", stdin=stdin, message=f"load ejabberd's {SCHEMA} into {db} (tables owned by {owner})")
 
 
 def _epmd(h: HostSession) -> None:
@@ -256,10 +226,12 @@ def _running(h: HostSession, changed: bool) -> None:
     h.service("ejabberd", restart=changed and not h.run.check)
     if h.run.check:
         return
-    if not h.probe(WAIT_STARTED).ok:
+    try:
+        h.wait_for(STARTED, timeout=START_TIMEOUT, what=f"ejabberd started as {node_name(h.name)}")
+    except HostFailed as exc:
         log = h.probe("tail -n 20 /var/log/ejabberd/error.log /var/log/ejabberd/ejabberd.log 2>/dev/null")
-        raise HostFailed(f"ejabberd did not start within 90 s on {node_name(h.name)}:\n{log.stdout.strip()}")
-    running = h.read(f"{CTL} status").strip().splitlines()
+        raise HostFailed(f"{exc}:\n{log.stdout.strip()}") from None
+    running = h.read(STATUS).strip().splitlines()
     h.ok(running[0] if running else f"{node_name(h.name)} started")
 
 
@@ -279,9 +251,9 @@ def _join(h: HostSession, first: str) -> None:
     # timeout. So the node is stopped cleanly (`ejabberdctl stop` + `stopped`: the
     # unit ends with status 0) and started again by systemd; mnesia keeps the
     # membership.
-    h.sh(f"{CTL} --no-timeout join_cluster {want} && {CTL} stop && {CTL} stopped "
-         f"&& systemctl start ejabberd && {WAIT_STARTED}",
+    h.sh(f"{CTL} --no-timeout join_cluster {q(want)} && {CTL} stop && {CTL} stopped && systemctl start ejabberd",
          message=f"join_cluster {want}, then restart the unit cleanly", timeout=300)
+    h.wait_for(STARTED, timeout=START_TIMEOUT, what=f"ejabberd started again as {node_name(h.name)} after the join")
     if not h.run.check:
         after = h.read(f"{CTL} list_cluster")
         if want not in cluster_members(after):
@@ -292,71 +264,52 @@ def _join(h: HostSession, first: str) -> None:
 # --- ops: against whichever node answers ---------------------------------------------------------
 
 
-def _answering(run: Run) -> HostSession:
-    """The first ejabberd node (inventory order, narrowed by --hosts) whose ejabberd answers."""
-    tried = []
-    for host in run.hosts(ROLE):
-        try:
-            h = run.session(host)
-            h.open()
-        except UserError as exc:
-            tried.append(str(exc))
-            continue
-        r = h.probe(f"{CTL} status")
-        if r.ok:
-            return h
-        last = ((r.stdout or r.stderr).strip().splitlines() or ["no answer"])[-1]
-        tried.append(f"{host}: ejabberd not running ({last})")
-    raise UserError("no ejabberd node answers, nothing was changed (" + "; ".join(tried or ["no ejabberd hosts"])
-                    + ")")
+def _node(run: Run) -> HostSession:
+    """The first ejabberd node (inventory order, narrowed by --hosts) that answers."""
+    return run.answering(run.hosts(ROLE), what="ejabberd node", probe=STATUS)
 
 
 def _exists(h: HostSession, user: str, dom: str) -> bool:
-    return h.probe(f"{CTL} check_account {shlex.quote(user)} {shlex.quote(dom)}").ok
+    return h.probe(join(CTL, "check_account", user, dom)).ok
 
 
-def _account_step(run: Run, title: str, action) -> None:
-    h = _answering(run)
-    run.report.step(title, [h.name])
-    try:
-        action(h)
-    except HostFailed as exc:
-        run.report.result(h.name, "failed", str(exc))
-        raise UserError(f"{h.name}: {exc}") from None
+def _set_password(h: HostSession, verb: str, user: str, dom: str, password: str, message: str) -> None:
+    """`ejabberdctl register|change_password USER DOMAIN PASSWORD`, the password read from stdin."""
+    h.sh(join(CTL, verb, user, dom) + ' "$(cat)"', stdin=password, message=message)
 
 
-def _ask_password(password: str | None) -> str:
-    if password is None:
-        password = getpass.getpass("password: ")
-        if password and getpass.getpass("again: ") != password:
-            raise UserError("the passwords differ; nothing was changed")
-    return check_password(password)
+def _password(password: str | None, password_file: str | None) -> str:
+    return prompt.password(password, file=password_file, check=check_password)
 
 
-@runbook(positional=["user", "password"],
-         help={"user": "USER or USER@DOMAIN (the inventory's xmpp.domain)",
-               "password": "the password (asked for when not given; prefer the prompt: arguments land in "
-                           "the shell history)",
-               "update": "set the password of an existing user instead of refusing"})
-def register_user(run, user, password=None, update=False):
+PASSWORD_HELP = {
+    "user": "USER or USER@DOMAIN (the inventory's xmpp.domain)",
+    "password": "the password (asked for, hidden, when not given; prefer the prompt or --password-file: "
+                "arguments land in the shell history)",
+    "password_file": "read the password from the first line of this file (- = standard input)",
+}
+
+
+@runbook(positional=["user"], help={**PASSWORD_HELP,
+                                    "update": "set the password of an existing user instead of refusing"})
+def register_user(run, user, password=None, password_file=None, update=False):
     """Register an XMPP user (refuses an existing one unless --update)."""
     local, dom = parse_jid(run.inv, user)
-    password = _ask_password(password)
     jid = f"{local}@{dom}"
+    password = _password(password, password_file)
 
     def act(h: HostSession) -> None:
         if _exists(h, local, dom):
             if not update:
                 raise UserError(f"{jid} is already registered (use --update to set its password)")
-            h.sh(f'{CTL} change_password {local} {dom} "$(cat)"', stdin=password,
-                 message=f"{jid}: password changed")
+            _set_password(h, "change_password", local, dom, password, f"{jid}: password changed")
             return
-        h.sh(f'{CTL} register {local} {dom} "$(cat)"', stdin=password, message=f"registered {jid}")
+        _set_password(h, "register", local, dom, password, f"registered {jid}")
 
-    _account_step(run, f"ejabberd: register {jid}", act)
+    run.on_one(f"ejabberd: register {jid}", _node(run), act)
 
 
-@runbook(help={"user": "USER or USER@DOMAIN"})
+@runbook(positional=["user"], help={"user": "USER or USER@DOMAIN"})
 def unregister_user(run, user):
     """Remove an XMPP user (nothing to do when it does not exist)."""
     local, dom = parse_jid(run.inv, user)
@@ -366,44 +319,44 @@ def unregister_user(run, user):
         if not _exists(h, local, dom):
             h.ok(f"{jid} is not registered")
             return
-        h.sh(f"{CTL} unregister {local} {dom}", message=f"unregistered {jid}")
+        h.sh(join(CTL, "unregister", local, dom), message=f"unregistered {jid}")
 
-    _account_step(run, f"ejabberd: unregister {jid}", act)
+    run.on_one(f"ejabberd: unregister {jid}", _node(run), act)
 
 
-@runbook(positional=["user", "password"], help={"user": "USER or USER@DOMAIN",
-               "password": "the new password (asked for when not given)"})
-def change_password(run, user, password=None):
+@runbook(positional=["user"], help={**PASSWORD_HELP, "password": "the new password (asked for, hidden, when "
+                                    "not given; prefer the prompt or --password-file)"})
+def change_password(run, user, password=None, password_file=None):
     """Set a registered XMPP user's password."""
     local, dom = parse_jid(run.inv, user)
-    password = _ask_password(password)
     jid = f"{local}@{dom}"
+    password = _password(password, password_file)
 
     def act(h: HostSession) -> None:
         if not _exists(h, local, dom):
             raise UserError(f"{jid} is not registered; nothing was changed")
-        h.sh(f'{CTL} change_password {local} {dom} "$(cat)"', stdin=password, message=f"{jid}: password changed")
+        _set_password(h, "change_password", local, dom, password, f"{jid}: password changed")
 
-    _account_step(run, f"ejabberd: change the password of {jid}", act)
+    run.on_one(f"ejabberd: change the password of {jid}", _node(run), act)
 
 
 @runbook
 def list_users(run):
     """List the registered users of the XMPP domain."""
-    dom = domain(run.inv)
+    dom = topology.xmpp_domain(run.inv)
 
     def act(h: HostSession) -> None:
-        users = h.read(f"{CTL} registered_users {dom}").split()
+        users = h.read(join(CTL, "registered_users", dom)).split()
         h.ok(f"{len(users)} user(s) on {dom}" + (": " + ", ".join(f"{u}@{dom}" for u in users) if users else ""))
         for u in users:
             print(f"{u}@{dom}")
 
-    _account_step(run, f"ejabberd: users of {dom}", act)
+    run.on_one(f"ejabberd: users of {dom}", _node(run), act)
 
 
 def _node_status(h: HostSession, vip: str | None) -> None:
-    up = h.probe(f"{CTL} status")
-    holds = bool(vip) and h.probe(f"ip -o -4 addr show | grep -qw {shlex.quote(vip)}").ok
+    up = h.probe(STATUS)
+    holds = bool(vip) and h.probe(f"ip -o -4 addr show | grep -qw {q(vip)}").ok
     vip_text = f"holds the VIP {vip}" if holds else "no VIP"
     if not up.ok:
         h.run.report.result(h.name, "failed", f"{node_name(h.name)} not running; {vip_text}")

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from invoke import Collection
 
-from .core import HostFailed, HostSession, Run, runbook
+from .core import HostFailed, HostSession, Run, q, runbook, topology
 from .core.inventory import Inventory
 from .core.secrets import token
 
-ROLE = "ejabberd"
+ROLE = topology.EJABBERD
 VIP_NAME = "xmpp"
 PACKAGES = ["keepalived", "netcat-openbsd"]
 CONFIG = "/etc/keepalived/keepalived.conf"
@@ -84,7 +84,7 @@ def converge(run: Run) -> None:
 
 
 def _interface(h: HostSession, address: str) -> str:
-    out = h.probe(f"ip -o -4 addr show to {address}/32").stdout.split()
+    out = h.probe(f"ip -o -4 addr show to {q(address + '/32')}").stdout.split()
     if len(out) < 2:
         if h.run.check:
             return "?"
@@ -93,13 +93,14 @@ def _interface(h: HostSession, address: str) -> str:
 
 
 def _keepalived(h: HostSession) -> None:
+    tvars = h.tier_vars(template_vars)
     h.packages(PACKAGES)
     h.directory("/usr/local/lib/hastack", mode="0755")
-    check_changed = h.template("keepalived/usr/local/lib/hastack/check-ejabberd.j2", CHECK, mode="0755",
+    check_changed = h.template("keepalived/usr/local/lib/hastack/check-ejabberd.j2", CHECK, tvars, mode="0755",
                                validate="sh -n {}")
-    src = template_vars(h.inv, h.name, h.run.secret)["vrrp_src"]
-    conf_changed = h.template("keepalived/etc/keepalived/keepalived.conf.j2", CONFIG, mode="0640",
-                              validate="keepalived -t -f {}", detected_interface=_interface(h, src))
+    conf_changed = h.template("keepalived/etc/keepalived/keepalived.conf.j2", CONFIG,
+                              {**tvars, "detected_interface": _interface(h, tvars["vrrp_src"])},
+                              mode="0640", validate="keepalived -t -f {}")
     # (The unit has ConditionFileNotEmpty on its config: installed before the config
     # existed, systemd skipped it; service() tries such a unit again.)
     h.service("keepalived", reload=conf_changed or check_changed)
@@ -118,7 +119,7 @@ def status(run):
 
     def one(h: HostSession) -> None:
         active = h.probe("systemctl is-active keepalived").stdout.strip()
-        holds = vip is not None and h.probe(f"ip -o -4 addr show | grep -qw {vip.address}").ok
+        holds = vip is not None and h.probe(f"ip -o -4 addr show | grep -qw {q(vip.address)}").ok
         check = h.probe(CHECK).ok
         h.ok(f"keepalived {active}; health check {'passes' if check else 'FAILS'}; "
              + (f"holds the VIP {vip.address}" if holds else "does not hold the VIP"))

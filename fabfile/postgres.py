@@ -31,15 +31,14 @@ import hashlib
 import hmac
 import os
 import re
-import shlex
 
 from invoke import Collection
 
-from .base import service_address
-from .core import HostFailed, HostSession, Run, UserError, runbook
+from .core import HostFailed, HostSession, Run, UserError, q, runbook, topology
 from .core.inventory import Inventory
+from .core.sql import pg_ident, pg_literal, psql, psql_c
 
-VERSION = "15"
+VERSION = topology.PG_VERSION
 CLUSTER = "main"
 UNIT = f"postgresql@{VERSION}-{CLUSTER}"
 ETC = f"/etc/postgresql/{VERSION}/{CLUSTER}"
@@ -51,51 +50,30 @@ PGPASS = "/var/lib/postgresql/.pgpass"
 ARCHIVE_HOOK = "/usr/local/lib/hastack/pg-wal-archive"
 PACKAGES = ["postgresql", "postgresql-client"]
 
-DB = "ejabberd"
-DB_USER = "ejabberd"
+DB = topology.XMPP_DB  # the database ejabberd uses, and its owner role
+DB_USER = topology.XMPP_DB_USER
 REPL_USER = "replicator"
-SECRET_DB = "postgres_ejabberd_password"
+SECRET_DB = topology.XMPP_DB_SECRET
 SECRET_REPL = "postgres_replication_password"
-PRIMARY_ROLE = "postgres_primary"
-REPLICA_ROLE = "postgres_replica"
+PRIMARY_ROLE = topology.PG_PRIMARY
+REPLICA_ROLE = topology.PG_REPLICA
 SCRAM_ITERATIONS = 4096
 DEFAULT_DATABASES = {"postgres", "template0", "template1"}
-
-PSQL = "runuser -u postgres -- psql -X -q -At -v ON_ERROR_STOP=1"
 
 
 # --- what the inventory says ----------------------------------------------------
 
 
-def primary(inv: Inventory) -> str:
-    hosts = inv.with_role(PRIMARY_ROLE)
-    if len(hosts) != 1:
-        raise UserError(f"{inv.path}: role {PRIMARY_ROLE} needs exactly 1 host (found {len(hosts)})")
-    return hosts[0]
-
-
-def replicas(inv: Inventory) -> list[str]:
-    return inv.with_role(REPLICA_ROLE)
-
-
-def postgres_hosts(inv: Inventory) -> list[str]:
-    return inv.with_role(PRIMARY_ROLE, REPLICA_ROLE)
-
-
-def slot_name(host: str) -> str:
-    """The physical replication slot of a replica: [a-z0-9_] only."""
-    return "replica_" + re.sub(r"[^a-z0-9_]", "_", host.lower())
-
-
 def require_replica(inv: Inventory, host: str) -> str:
     """``host`` when it is a replica of the inventory; a UserError otherwise."""
+    replicas = topology.pg_replicas(inv)
     if host not in inv.hosts:
         raise UserError(f"{inv.path}: {host!r} is not a host of the inventory "
-                        f"(replicas: {', '.join(replicas(inv)) or 'none'}); nothing was changed")
-    if host not in replicas(inv):
+                        f"(replicas: {', '.join(replicas) or 'none'}); nothing was changed")
+    if host not in replicas:
         roles = ", ".join(inv.hosts[host].roles) or "no roles"
         raise UserError(f"{inv.path}: {host} has {roles}, not role {REPLICA_ROLE}; refusing to make it a "
-                        f"replica (replicas: {', '.join(replicas(inv)) or 'none'}); nothing was changed")
+                        f"replica (replicas: {', '.join(replicas) or 'none'}); nothing was changed")
     return host
 
 
@@ -103,19 +81,19 @@ def hba_entries(inv: Inventory, host: str) -> list[dict]:
     """The network lines of pg_hba.conf: the ejabberd nodes to the ejabberd
     database, every other postgres host to replication; one /32 each."""
     rows = []
-    for node in inv.with_role("ejabberd"):
-        rows.append({"database": DB, "user": DB_USER, "address": f"{service_address(inv, node)}/32",
+    for node in topology.ejabberd_nodes(inv):
+        rows.append({"database": DB, "user": DB_USER, "address": f"{inv.service_address(node)}/32",
                      "why": f"ejabberd node {node}"})
-    for node in postgres_hosts(inv):
+    for node in topology.pg_hosts(inv):
         if node != host:
             rows.append({"database": "replication", "user": REPL_USER,
-                         "address": f"{service_address(inv, node)}/32", "why": f"streaming replication to {node}"})
+                         "address": f"{inv.service_address(node)}/32", "why": f"streaming replication to {node}"})
     return rows
 
 
 def listen_addresses(inv: Inventory, host: str) -> list[str]:
     """localhost and the host's own service address: never '*' or 0.0.0.0."""
-    return ["localhost", service_address(inv, host)]
+    return ["localhost", inv.service_address(host)]
 
 
 def template_vars(inv: Inventory, host: str, secret) -> dict:
@@ -128,7 +106,7 @@ def template_vars(inv: Inventory, host: str, secret) -> dict:
         "pg_db_user": DB_USER,
         "pg_repl_user": REPL_USER,
         "pg_archive_hook": ARCHIVE_HOOK,
-        "pg_primary_address": service_address(inv, prim[0]) if prim else "",
+        "pg_primary_address": inv.service_address(prim[0]) if prim else "",
         "pg_replication_password": secret(SECRET_REPL),
     }
 
@@ -162,16 +140,12 @@ def scram_matches(verifier: str | None, password: str) -> bool:
     return hmac.compare_digest(scram_verifier(password, salt=salt, iterations=int(m[1])), m[0])
 
 
-def sql_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 # --- the runbook -----------------------------------------------------------------------
 
 
 def converge(run: Run) -> None:
     inv = run.inv
-    prim = primary(inv)
+    prim = topology.pg_primary(inv)
     run.secret(SECRET_DB)
     run.secret(SECRET_REPL)
     run.step("postgres: packages and configuration", run.hosts(PRIMARY_ROLE, REPLICA_ROLE), _configure)
@@ -181,45 +155,38 @@ def converge(run: Run) -> None:
 
 
 def _configure(h: HostSession) -> None:
+    tvars = h.tier_vars(template_vars)
     h.packages(PACKAGES)
     h.directory("/usr/local/lib/hastack", mode="0755")
-    h.template("postgres/usr/local/lib/hastack/pg-wal-archive.j2", ARCHIVE_HOOK, mode="0755",
+    h.template("postgres/usr/local/lib/hastack/pg-wal-archive.j2", ARCHIVE_HOOK, tvars, mode="0755",
                validate="sh -n {}")
     h.directory(f"{ETC}/conf.d", owner="postgres", group="postgres", mode="0755")
     check_conf = (f"runuser -u postgres -- {BIN}/postgres -C listen_addresses "
                   f"-c config_file={ETC}/postgresql.conf >/dev/null")
-    conf_changed = h.template(f"postgres{CONF_FILE}.j2", CONF_FILE, owner="postgres", group="postgres",
+    conf_changed = h.template(f"postgres{CONF_FILE}.j2", CONF_FILE, tvars, owner="postgres", group="postgres",
                               mode="0644", validate=check_conf)
-    hba_changed = h.template(f"postgres{HBA_FILE}.j2", HBA_FILE, owner="postgres", group="postgres",
+    hba_changed = h.template(f"postgres{HBA_FILE}.j2", HBA_FILE, tvars, owner="postgres", group="postgres",
                              mode="0640")
     if REPLICA_ROLE in h.host.roles or PRIMARY_ROLE in h.host.roles:
         # Every postgres host can be a replica (after a promotion): the password file
         # pg_basebackup and the WAL receiver read.
-        h.template("postgres/var/lib/postgresql/.pgpass.j2", PGPASS, owner="postgres", group="postgres",
+        h.template("postgres/var/lib/postgresql/.pgpass.j2", PGPASS, tvars, owner="postgres", group="postgres",
                    mode="0600")
     h.service(UNIT, restart=conf_changed and not h.run.check)
     if hba_changed and not h.run.check and not conf_changed:
         h.sh(f"systemctl reload {UNIT}", message=f"reload {UNIT} (pg_hba.conf changed)")
     if hba_changed and not h.run.check:
-        errors = h.probe(_sql("SELECT line_number || ': ' || error FROM pg_hba_file_rules WHERE error IS NOT NULL"))
+        errors = h.probe(psql_c("SELECT line_number || ': ' || error FROM pg_hba_file_rules WHERE error IS NOT NULL"))
         if errors.stdout.strip():
             raise HostFailed(f"{HBA_FILE}: rejected by PostgreSQL: {errors.stdout.strip()}")
 
 
-def _sql(query: str, db: str = "postgres") -> str:
-    return f"{PSQL} -d {shlex.quote(db)} -c {shlex.quote(query)}"
-
-
 def _scalar(h: HostSession, query: str, db: str = "postgres") -> str:
-    return h.read(_sql(query, db)).strip()
+    return h.read(psql_c(query, db)).strip()
 
 
 def _wait_ready(h: HostSession) -> None:
-    if h.run.check:
-        return
-    r = h.probe(f"for i in $(seq 60); do runuser -u postgres -- pg_isready -q && exit 0; sleep 1; done; exit 1")
-    if not r.ok:
-        raise HostFailed(f"{UNIT} does not accept connections after 60 s")
+    h.wait_for("runuser -u postgres -- pg_isready -q", timeout=60, what=f"{UNIT} accepting connections")
 
 
 def _primary(h: HostSession) -> None:
@@ -229,63 +196,65 @@ def _primary(h: HostSession) -> None:
                          "refusing to create roles on it")
     _role(h, DB_USER, h.run.secret(SECRET_DB), "LOGIN")
     _role(h, REPL_USER, h.run.secret(SECRET_REPL), "LOGIN REPLICATION")
-    exists = h.probe(_sql(f"SELECT count(*) FROM pg_database WHERE datname = {sql_literal(DB)}")).stdout.strip()
+    exists = h.probe(psql_c(f"SELECT count(*) FROM pg_database WHERE datname = {pg_literal(DB)}")).stdout.strip()
     if exists == "1":
-        owner = h.probe(_sql(f"SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = {sql_literal(DB)}"))
+        owner = h.probe(psql_c(f"SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = {pg_literal(DB)}"))
         if owner.stdout.strip() == DB_USER:
             h.ok(f"database {DB} exists, owned by {DB_USER}")
         else:
-            h.sh(_sql(f'ALTER DATABASE "{DB}" OWNER TO "{DB_USER}"'), message=f"database {DB}: owner {DB_USER}")
+            h.sh(psql_c(f"ALTER DATABASE {pg_ident(DB)} OWNER TO {pg_ident(DB_USER)}"),
+                 message=f"database {DB}: owner {DB_USER}")
     else:
-        h.sh(_sql(f'CREATE DATABASE "{DB}" OWNER "{DB_USER}" ENCODING \'UTF8\' TEMPLATE template0'),
+        h.sh(psql_c(f"CREATE DATABASE {pg_ident(DB)} OWNER {pg_ident(DB_USER)} ENCODING 'UTF8' TEMPLATE template0"),
              message=f"create database {DB} owned by {DB_USER}")
-    public = h.probe(_sql("SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'public'", DB))
+    public = h.probe(psql_c("SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'public'", DB))
     if public.ok and public.stdout.strip() == DB_USER:
         h.ok(f"schema public of {DB} owned by {DB_USER}")
     else:
-        h.sh(_sql(f'ALTER SCHEMA public OWNER TO "{DB_USER}"', DB), message=f"schema public of {DB}: owner {DB_USER}")
-    for replica in replicas(h.inv):
-        slot = slot_name(replica)
-        have = h.probe(_sql(f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = {sql_literal(slot)}"))
+        h.sh(psql_c(f"ALTER SCHEMA public OWNER TO {pg_ident(DB_USER)}", DB),
+             message=f"schema public of {DB}: owner {DB_USER}")
+    for replica in topology.pg_replicas(h.inv):
+        slot = topology.slot_name(replica)
+        have = h.probe(psql_c(f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = {pg_literal(slot)}"))
         if have.stdout.strip() == "1":
             h.ok(f"replication slot {slot} (for {replica})")
         else:
-            h.sh(_sql(f"SELECT pg_create_physical_replication_slot({sql_literal(slot)})"),
+            h.sh(psql_c(f"SELECT pg_create_physical_replication_slot({pg_literal(slot)})"),
                  message=f"create physical replication slot {slot} for {replica}")
 
 
 def _role(h: HostSession, name: str, password: str, attributes: str) -> None:
-    stored = h.probe(_sql(f"SELECT rolpassword FROM pg_authid WHERE rolname = {sql_literal(name)}"))
-    row = h.probe(_sql(f"SELECT count(*) FROM pg_roles WHERE rolname = {sql_literal(name)}")).stdout.strip()
+    stored = h.probe(psql_c(f"SELECT rolpassword FROM pg_authid WHERE rolname = {pg_literal(name)}"))
+    row = h.probe(psql_c(f"SELECT count(*) FROM pg_roles WHERE rolname = {pg_literal(name)}")).stdout.strip()
     verb = "ALTER" if row == "1" else "CREATE"
-    wanted_attrs = h.probe(_sql(
-        f"SELECT rolcanlogin::text || rolreplication::text FROM pg_roles WHERE rolname = {sql_literal(name)}"))
+    wanted_attrs = h.probe(psql_c(
+        f"SELECT rolcanlogin::text || rolreplication::text FROM pg_roles WHERE rolname = {pg_literal(name)}"))
     want_flags = "true" + ("true" if "REPLICATION" in attributes else "false")
     if verb == "ALTER" and scram_matches(stored.stdout, password) and wanted_attrs.stdout.strip() == want_flags:
         h.ok(f"role {name}: {attributes.lower()}, password is the site's (SCRAM)")
         return
     # The verifier is computed here: the clear password never reaches the server
     # or its logs; psql reads the statement from stdin, not from the command line.
-    statement = f'{verb} ROLE "{name}" WITH {attributes} PASSWORD {sql_literal(scram_verifier(password))};\n'
-    h.sh(f"{PSQL} -d postgres -f -", stdin=statement,
+    statement = f"{verb} ROLE {pg_ident(name)} WITH {attributes} PASSWORD {pg_literal(scram_verifier(password))};\n"
+    h.sh(f"{psql()} -f -", stdin=statement,
          message=f"{verb.lower()} role {name} ({attributes.lower()}, SCRAM password from the site's secrets)")
 
 
 def _replica(h: HostSession) -> None:
     inv = h.inv
-    prim = primary(inv)
-    slot = slot_name(h.name)
+    prim = topology.pg_primary(inv)
+    slot = topology.slot_name(h.name)
     _wait_ready(h)
-    state = h.probe(_sql("SELECT pg_is_in_recovery()"))
+    state = h.probe(psql_c("SELECT pg_is_in_recovery()"))
     if state.ok and state.stdout.strip() == "t":
-        receiver = h.probe(_sql("SELECT status || ' from ' || sender_host FROM pg_stat_wal_receiver")).stdout.strip()
+        receiver = h.probe(psql_c("SELECT status || ' from ' || sender_host FROM pg_stat_wal_receiver")).stdout.strip()
         if receiver.startswith("streaming"):
             h.ok(f"standby, {receiver} (slot {slot}): left alone, no base backup")
         else:
             h.ok(f"standby, WAL receiver: {receiver or 'not connected'}; left alone (no base backup "
                  "over a standby: see `inv postgres.status`)")
         return
-    databases = set(h.read(_sql("SELECT datname FROM pg_database")).split()) if state.ok else set()
+    databases = set(h.read(psql_c("SELECT datname FROM pg_database")).split()) if state.ok else set()
     own = sorted(databases - DEFAULT_DATABASES)
     if own:
         raise HostFailed(f"{h.name} is a primary with databases of its own ({', '.join(own)}), not a standby; "
@@ -294,48 +263,46 @@ def _replica(h: HostSession) -> None:
 
 
 def _basebackup(h: HostSession, prim: str, slot: str) -> None:
-    source = service_address(h.inv, prim)
+    source = h.inv.service_address(prim)
     if h.run.check:
         h.changed(f"would replace the fresh cluster {DATA} by pg_basebackup -R -S {slot} from {prim} ({source})")
         return
     cmd = " && ".join([
         f"systemctl stop {UNIT}",
         f"find {DATA} -mindepth 1 -delete",
-        f"runuser -u postgres -- env PGPASSFILE={PGPASS} pg_basebackup -h {source} -U {REPL_USER} -D {DATA} "
-        f"-R -S {slot} -X stream -c fast -w",
+        f"runuser -u postgres -- env PGPASSFILE={PGPASS} pg_basebackup -h {q(source)} -U {REPL_USER} -D {DATA} "
+        f"-R -S {q(slot)} -X stream -c fast -w",
         f"systemctl start {UNIT}",
     ])
     h.sh(cmd, message=f"base backup from {prim} ({source}) over slot {slot}; started as a streaming standby",
          timeout=1800)
     _wait_ready(h)
-    r = h.probe("for i in $(seq 30); do " + _sql("SELECT status FROM pg_stat_wal_receiver")
-                + " | grep -qx streaming && exit 0; sleep 1; done; exit 1")
-    if not r.ok:
-        raise HostFailed(f"{h.name}: standby started but its WAL receiver is not streaming from {prim} after 30 s")
+    h.wait_for(psql_c("SELECT status FROM pg_stat_wal_receiver") + " | grep -qx streaming", timeout=30,
+               what=f"{h.name}: the standby started, its WAL receiver streaming from {prim}")
 
 
 # --- status ---------------------------------------------------------------------------------
 
 
 def _status(h: HostSession) -> None:
-    in_recovery = h.probe(_sql("SELECT pg_is_in_recovery()"))
+    in_recovery = h.probe(psql_c("SELECT pg_is_in_recovery()"))
     if not in_recovery.ok:
         raise HostFailed(f"PostgreSQL does not answer: {(in_recovery.stderr or in_recovery.stdout).strip()}")
     if in_recovery.stdout.strip() == "f":
-        rows = h.read(_sql(
+        rows = h.read(psql_c(
             "SELECT coalesce(application_name, '?') || ' ' || coalesce(host(client_addr), 'local') || ' ' || "
             "state || ' ' || coalesce(sync_state, '?') || ' lag ' || "
             "coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint::text, '?') || ' bytes' "
             "FROM pg_stat_replication ORDER BY 1")).strip()
-        slots = h.read(_sql("SELECT slot_name || (CASE WHEN active THEN ' active' ELSE ' inactive' END) "
+        slots = h.read(psql_c("SELECT slot_name || (CASE WHEN active THEN ' active' ELSE ' inactive' END) "
                             "FROM pg_replication_slots ORDER BY 1")).strip()
         h.ok("role primary; replicas: " + ("; ".join(rows.splitlines()) or "none connected")
              + "; slots: " + (", ".join(slots.splitlines()) or "none"))
     else:
-        receiver = h.read(_sql(
+        receiver = h.read(psql_c(
             "SELECT status || ' from ' || sender_host || ' slot ' || coalesce(slot_name, '-') "
             "FROM pg_stat_wal_receiver")).strip()
-        lag = h.read(_sql("SELECT coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), "
+        lag = h.read(psql_c("SELECT coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), "
                           "pg_last_wal_replay_lsn())::bigint::text, '?')")).strip()
         h.ok(f"role replica; WAL receiver {receiver or 'not connected'}; replay lag {lag} bytes")
 
@@ -356,7 +323,7 @@ def status(run):
 def replica(run, host):
     """Build one streaming replica (base backup only when it is not a standby yet)."""
     require_replica(run.inv, host)
-    prim = primary(run.inv)
+    prim = topology.pg_primary(run.inv)
     run.step("postgres: packages and configuration", [prim, host], _configure)
     run.step("postgres: replication slot on the primary", [prim], _primary)
     run.step("postgres: streaming replica", [host], _replica)

@@ -36,8 +36,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fabfile import ejabberd, postgres
-from fabfile.base import service_address
+from fabfile.core import topology
 from fabfile.core.secrets import Secrets, token
+from fabfile.core.shell import retry_loop
 from tests.lab.labhost import recap
 
 pytestmark = pytest.mark.lab
@@ -67,10 +68,10 @@ def xmpp(lab, tmp_path_factory):
     ca.write_text(secrets.require("pki_ca_cert"))
     users = {"alice": token(16), "bob": token(16)}
     for user, password in users.items():
-        ok(lab.invoke("ejabberd.register-user", user, password, "--update"))
+        ok(lab.invoke("ejabberd.register-user", user, "--password", password, "--update"))
     return SimpleNamespace(
         inv=inv, domain=inv.xmpp.domain, vip=str(vip.address), vip_network=vip.network,
-        nodes=ejabberd.nodes(inv), primary=postgres.primary(inv), replicas=postgres.replicas(inv),
+        nodes=topology.ejabberd_nodes(inv), primary=topology.pg_primary(inv), replicas=topology.pg_replicas(inv),
         gateway=gateway, ca=ca, folder=folder, users=users,
         db_password=secrets.require(postgres.SECRET_DB),
     )
@@ -113,7 +114,7 @@ def cluster_of(lab, host: str) -> set[str]:
 
 
 def wait_started(lab, host: str) -> None:
-    r = lab.run(host, ejabberd.WAIT_STARTED, timeout=150)
+    r = lab.run(host, retry_loop(ejabberd.STARTED, ejabberd.START_TIMEOUT), timeout=150)
     assert r.returncode == 0, f"ejabberd on {host} did not start: {r.stdout}{r.stderr}"
 
 
@@ -162,8 +163,8 @@ def test_primary_streams_to_every_replica(lab, xmpp):
     rows = lab.run(xmpp.primary, f"{PSQL} -c \"SELECT host(client_addr), state FROM pg_stat_replication\"",
                    check=True).stdout.split()
     for replica in xmpp.replicas:
-        assert f"{service_address(xmpp.inv, replica)}|streaming" in rows, rows
-        slot = postgres.slot_name(replica)
+        assert f"{xmpp.inv.service_address(replica)}|streaming" in rows, rows
+        slot = topology.slot_name(replica)
         active = lab.run(xmpp.primary, f"{PSQL} -c \"SELECT active FROM pg_replication_slots "
                                        f"WHERE slot_name = '{slot}'\"", check=True).stdout.strip()
         assert active == "t"
@@ -173,8 +174,8 @@ def test_a_row_written_on_the_primary_is_on_the_replica_within_a_second_and_the_
         lab, xmpp):
     args = {
         "db": postgres.DB, "user": postgres.DB_USER, "password": xmpp.db_password,
-        "primary": service_address(xmpp.inv, xmpp.primary),
-        "replicas": [service_address(xmpp.inv, r) for r in xmpp.replicas],
+        "primary": xmpp.inv.service_address(xmpp.primary),
+        "replicas": [xmpp.inv.service_address(r) for r in xmpp.replicas],
         "table": f"hastack_probe_{uuid.uuid4().hex[:8]}", "note": uuid.uuid4().hex,
     }
     # From an ejabberd node: the hosts pg_hba and the firewalls admit.
@@ -191,7 +192,7 @@ def test_only_listed_addresses_may_connect(lab, xmpp):
     assert "trust" not in hba and "0.0.0.0/0" not in hba and " md5" not in hba
     listen = lab.run(xmpp.primary, "ss -Hltn 'sport = :5432'", check=True).stdout
     assert "*:5432" not in listen and "0.0.0.0:5432" not in listen
-    assert f"{service_address(xmpp.inv, xmpp.primary)}:5432" in listen
+    assert f"{xmpp.inv.service_address(xmpp.primary)}:5432" in listen
 
 
 # --- ejabberd --------------------------------------------------------------------------------
@@ -252,10 +253,10 @@ def test_users_are_rows_in_postgresql(lab, xmpp):
 
 
 @pytest.mark.parametrize("args, error", [
-    (["mallory@example.org", "pw"], "is not served here"),
-    (["bad user", "pw"], "not a valid JID"),
-    (["carol", ""], "empty password refused"),
-    (["alice", "other"], "already registered"),
+    (["mallory@example.org", "--password", "pw"], "is not served here"),
+    (["bad user", "--password", "pw"], "not a valid JID"),
+    (["carol", "--password", ""], "empty password refused"),
+    (["alice", "--password", "other"], "already registered"),
 ])
 def test_bad_input_is_refused_and_changes_nothing(lab, xmpp, args, error):
     before = lab.run(xmpp.primary, f"{PSQL} -d {postgres.DB} -c 'SELECT username, password FROM users ORDER BY 1'",
@@ -316,7 +317,7 @@ def test_vip_follows_ejabberd_and_the_node_rejoins(lab, xmpp):
 def test_ops_refuse_when_no_node_answers(lab, xmpp):
     lab.run_all(xmpp.nodes, "systemctl stop ejabberd", timeout=120)
     try:
-        out = lab.invoke("ejabberd.register-user", "dave", "pw-of-dave")
+        out = lab.invoke("ejabberd.register-user", "dave", "--password", "pw-of-dave")
         assert out.returncode == 1 and "no ejabberd node answers" in out.stdout + out.stderr, out.stdout
     finally:
         lab.run_all(xmpp.nodes, "systemctl start ejabberd", timeout=150)

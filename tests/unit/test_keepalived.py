@@ -4,7 +4,9 @@ with `keepalived -t` when the machine has keepalived."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,17 +14,24 @@ from pathlib import Path
 import pytest
 
 from fabfile import keepalived
-from fabfile.core import templates
+from fabfile.core import Result, templates
 from fabfile.core.inventory import load
+from fabfile.core.testing import RecordingRun
+from tests.unit.shipped import INVENTORIES
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB = ROOT / "inventory/lab.yml"
-INVENTORIES = [p for p in sorted((ROOT / "inventory").glob("*.yml")) if not p.name.count(".") > 1]
 CONF = "keepalived/etc/keepalived/keepalived.conf.j2"
+CHECK = "keepalived/usr/local/lib/hastack/check-ejabberd.j2"
+SECRETS = {keepalived.SECRET_AUTH: "abcdefghijklmnop"}
 
 
 def secret(name):
     return "abcdefghijklmnop"
+
+
+def render(name, inv, host, **extra):
+    return templates.render(name, inv, host, secret, **keepalived.template_vars(inv, host, secret), **extra)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +47,7 @@ def test_each_node_peers_with_the_others_by_unicast(inventory):
     vip = inv.vips["xmpp"]
     holders = inv.with_role("ejabberd")
     for host in holders:
-        text = templates.render(CONF, inv, host, secret)
+        text = render(CONF, inv, host)
         me = str(inv.hosts[host].addresses[vip.network])
         assert f"unicast_src_ip {me}\n" in text
         for other in holders:
@@ -64,12 +73,12 @@ def test_generated_password_is_8_characters():
 
 
 def test_detected_interface_replaces_the_network_name(lab):
-    text = templates.render(CONF, lab, "e1server", secret, detected_interface="eth1")
+    text = render(CONF, lab, "e1server", detected_interface="eth1")
     assert "interface eth1\n" in text and "dev eth1\n" in text and "interface dmz" not in text
 
 
 def test_check_script_tests_the_unit_and_the_c2s_port(lab):
-    text = templates.render("keepalived/usr/local/lib/hastack/check-ejabberd.j2", lab, "e1server", secret)
+    text = render(CHECK, lab, "e1server")
     assert text.startswith("#!/bin/sh\n")
     assert "systemctl is-active --quiet ejabberd.service" in text
     assert "nc -z -w 2 10.200.1.2 5222" in text
@@ -86,8 +95,63 @@ def test_keepalived_accepts_the_config(lab, tmp_path):
     script.chmod(0o755)
     tmp_path.chmod(0o755)
     conf = tmp_path / "keepalived.conf"
-    conf.write_text(templates.render(CONF, lab, "e1server", secret)
+    conf.write_text(render(CONF, lab, "e1server")
                     .replace("/usr/local/lib/hastack/check-ejabberd", str(script)))
     check = f"ip link add dmz type veth peer name dmz-peer && ip link set dmz up && keepalived -t -f {conf}"
     out = subprocess.run(["unshare", "--net", "sh", "-c", check], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --- the runbook on the recording host -------------------------------------------------------
+
+
+def files_present(files: dict[str, tuple[str, str | None]]):
+    """A fact: the host holds these files (path -> ("owner:group:mode", text)) and
+    directories (text None); every other path is absent."""
+    def answer(cmd, stdin):
+        path = shlex.split(cmd)[3]  # stat -c FORMAT PATH [&& sha256sum PATH]
+        if path not in files:
+            return Result(exited=1)
+        meta, text = files[path]
+        sums = f"{hashlib.sha256(text.encode()).hexdigest()}  {path}\n" if text is not None else ""
+        return Result(f"{meta}\n{sums}")
+    return r"^stat -c '%U:%G:%a' ", answer
+
+
+INTERFACE = (r"^ip -o -4 addr show to 10\.200\.1\.2/32$", Result("3: eth1    inet 10.200.1.2/24 brd 10.200.1.255\n"))
+FILE_OPS = [(r"^(mkdir -p|chown|mv -f|rm -f|cp -a|sh -n|keepalived -t -f) ", Result())]
+
+
+def test_a_fresh_node_gets_the_check_and_the_config_on_its_real_interface(lab):
+    run = RecordingRun(lab, secrets=SECRETS, answers={"*": [INTERFACE, *FILE_OPS]})
+    h = run.session("e1server")
+    keepalived._keepalived(h)
+    assert h.uploads[keepalived.CONFIG + ".hastack-new"] == render(CONF, lab, "e1server", detected_interface="eth1")
+    assert h.uploads[keepalived.CHECK + ".hastack-new"] == render(CHECK, lab, "e1server")
+    assert "keepalived -t -f /etc/keepalived/keepalived.conf.hastack-new" in h.commands
+    assert h.changes[-2:] == ["systemctl enable keepalived", "systemctl start keepalived"]
+
+
+def test_an_already_converged_node_changes_nothing(lab):
+    listed = "".join(f"{p} installed\n" for p in keepalived.PACKAGES)
+    run = RecordingRun(lab, secrets=SECRETS, answers={"*": [
+        INTERFACE,
+        (r"^dpkg-query", Result(listed)),
+        files_present({
+            "/usr/local/lib/hastack": ("root:root:755", None),
+            keepalived.CHECK: ("root:root:755", render(CHECK, lab, "e1server")),
+            keepalived.CONFIG: ("root:root:640", render(CONF, lab, "e1server", detected_interface="eth1")),
+        }),
+        (r"^systemctl is-enabled", Result("enabled\n")),
+        (r"^systemctl is-active", Result("active\n")),
+    ]})
+    h = run.session("e1server")
+    keepalived._keepalived(h)
+    assert h.changes == [] and h.uploads == {}
+
+
+def test_status_quotes_the_vip(lab):
+    holds = (r"^ip -o -4 addr show \| grep -qw 10\.200\.1\.4$", Result())
+    run = RecordingRun(lab, secrets=SECRETS, answers={"*": [holds]})
+    keepalived.status.body.runbook(run)
+    assert "holds the VIP 10.200.1.4" in " ".join(run.session("e1server").reported("ok"))
