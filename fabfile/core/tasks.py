@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import inspect
 import traceback
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 from invoke import Context
 from invoke import task as invoke_task
 from invoke.config import Config
-from invoke.exceptions import Exit
+from invoke.config import AmbiguousMergeError
+from invoke.exceptions import Exit, UncastableEnvVar
 
 from .errors import UserError
 from .inventory import Inventory, load
@@ -52,6 +54,31 @@ def _guard_config_files() -> None:
 
     _load_file.hastack_guard = True
     Config._load_file = _load_file
+    load_shell_env = Config.load_shell_env
+
+    def _load_shell_env(self) -> None:
+        try:
+            load_shell_env(self)
+        except (UncastableEnvVar, ValueError, TypeError):  # INVOKE_X=... where a config file made X a list, ...
+            clashes = [f"{name}: the invoke config makes '{name[7:].lower()}' "
+                       f"{type(self.get(name[7:].lower())).__name__} {self.get(name[7:].lower())!r}"
+                       for name in sorted(os.environ) if name.startswith("INVOKE_")
+                       and not isinstance(self.get(name[7:].lower()), (str, bool, type(None)))]
+            raise Exit("error: environment variable " + ("; ".join(clashes) or "INVOKE_*: cannot be cast")
+                       + " (it must be a single value)", code=1) from None
+
+    Config.load_shell_env = _load_shell_env
+    merge = Config.merge
+
+    def _merge(self) -> None:
+        try:
+            merge(self)
+        except AmbiguousMergeError as exc:  # e.g. `inventory: {path: ...}` where a single value belongs
+            files = [p for p in (getattr(self, "_project_path", None), getattr(self, "_runtime_path", None)) if p]
+            raise Exit(f"error: invoke config {', '.join(map(str, files)) or ''}: a setting has the wrong shape: "
+                       f"{exc}", code=1) from None
+
+    Config.merge = _merge
 
 
 _guard_config_files()
@@ -146,7 +173,8 @@ def runbook(*args, **kwargs):
                 result = body(run, *a, **kw)
             except UserError as exc:
                 run.report.error(str(exc))
-                run.report.recap()
+                if run.report.counts:  # something was done or checked before the error: say what
+                    run.report.recap()
                 run.close()
                 raise Exit(code=1) from None
             except (Exit, KeyboardInterrupt):

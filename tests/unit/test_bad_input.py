@@ -128,7 +128,7 @@ inv_case("network name with dash", lambda d: (d["networks"].__setitem__("mail-ne
 inv_case("two management networks", setp("networks.mail.management", True), ["networks", "exactly one network"])
 inv_case("no management network", setp("networks.mgmt.management", False), ["networks", "exactly one network"])
 inv_case("overlapping networks", setp("networks.dmz.cidr", "10.200.0.0/29"), ["networks.dmz.cidr", "overlaps"])
-inv_case("cidr with host bits", setp("networks.dmz.cidr", "10.200.1.1/29"), ["networks.dmz.cidr", "host bits set"])
+inv_case("cidr with host bits", setp("networks.dmz.cidr", "10.200.1.1/29"), ["networks.dmz.cidr", "not a valid IPv4 network"])
 inv_case("cidr garbage", setp("networks.dmz.cidr", "ten/8"), ["networks.dmz.cidr"])
 inv_case("network description newline", setp("networks.dmz.description", "a\nb"), ["networks.dmz.description", "control characters"])
 inv_case("address outside its network", setp("hosts.pxc1.addresses.mail", "10.200.12.5"), ["hosts.pxc1.addresses.mail", "outside network mail"])
@@ -199,9 +199,14 @@ C += [
 
 # --- invoke configs -----------------------------------------------------------------------
 C += [
-    Case("config inventory is a list", DEPLOY, ["'inventory'", "one inventory file", "list"], config={"inventory": ["a.yml", "b.yml"]}),
-    Case("config inventory is a mapping", DEPLOY, ["'inventory'", "dict"], config={"inventory": {"path": "a.yml"}}),
-    Case("config inventory is a number", DEPLOY, ["'inventory'", "int"], config={"inventory": 5}),
+    Case("config inventory is a list", DEPLOY, ["'inventory'", "one inventory file", "list"],
+         config={"inventory": ["a.yml", "b.yml"]}, env={"INVOKE_INVENTORY": None}),
+    Case("config inventory is a list and INVOKE_INVENTORY set", DEPLOY, ["INVOKE_INVENTORY", "'inventory'", "list"],
+         config={"inventory": ["a.yml", "b.yml"]}),
+    Case("config inventory is a mapping", DEPLOY, ["invoke config", "wrong shape", "inventory"],
+         config={"inventory": {"path": "a.yml"}}, env={"INVOKE_INVENTORY": None}),
+    Case("config inventory is a number", DEPLOY, ["'inventory'", "int"], config={"inventory": 5},
+         env={"INVOKE_INVENTORY": None}),
     Case("config inventory is empty", DEPLOY, ["'inventory' is empty"], config={"inventory": ""}),
     Case("config check is not a boolean", DEPLOY, ["'check' must be true or false"], config={"check": "maybe"}),
     Case("config check is a list", DEPLOY, ["'check' must be true or false"], config={"check": [1]}),
@@ -255,9 +260,9 @@ C += [Case(id, argv, expect, inventory=OPS, stdin=stdin) for id, argv, expect, s
     ("add-alias bad alias", ["mail.add-alias", "post master@lab.test", "bob@lab.test"], ["the part before '@'"], None),
     ("set-password bad address", ["mail.set-password", "bob", "--password", "pw-pw-pw-1"], ["'bob' is not an e-mail address"], None),
     ("set-password no terminal", ["mail.set-password", "bob@lab.test"], ["no password given and no terminal"], ""),
-    ("standby unknown node", ["cluster.standby", "nosuch"], ["nosuch is not a cluster node"], None),
+    ("standby unknown node", ["cluster.standby", "nosuch"], ["'nosuch' is not a cluster node"], None),
     ("standby injection", ["cluster.unstandby", "postfix01;id"], ["'postfix01;id'"], None),
-    ("standby a Galera node", ["cluster.standby", "pxc1"], ["pxc1 is not a cluster node"], None),
+    ("standby a Galera node", ["cluster.standby", "pxc1"], ["'pxc1' is not a cluster node"], None),
     ("replica unknown host", ["postgres.replica", "nosuch"], ["'nosuch' is not a host of the inventory"], None),
     ("replica the primary", ["postgres.replica", "psql1server"], ["psql1server", "not role postgres_replica"], None),
     ("bootstrap unknown node", ["pxc.bootstrap", "--node", "nosuch"], ["--node nosuch", "not a Galera node"], None),
@@ -323,7 +328,10 @@ def test_bad_input_is_refused_cleanly(case, tmp_path, monkeypatch, capsys, watch
         argv = ["-f", str(cfg), *argv]
     monkeypatch.setenv("INVOKE_INVENTORY", str(site))
     for key, value in case.env.items():
-        monkeypatch.setenv(key, value.replace("{tmp}", str(tmp_path)))
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value.replace("{tmp}", str(tmp_path)))
     if case.stdin is not None:
         import io
         monkeypatch.setattr("sys.stdin", io.StringIO(case.stdin))
