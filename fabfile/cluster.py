@@ -16,14 +16,14 @@ in order. postfix is `systemd:postfix@-` (Debian's postfix.service is a oneshot
 wrapper that reports active even when the daemon is dead), dovecot
 `systemd:dovecot`. Units Pacemaker owns are disabled in systemd; the tiers
 that configure them (mail, dbproxy) must not start or enable them when
-`owned(h, name)` says Pacemaker owns them. This tier installs postfix and
+`topology.pacemaker_owns(h, name)` says Pacemaker owns them. This tier installs postfix and
 dovecot-imapd itself (Debian defaults) so the tree exists before the mail tier
 configures them.
 
 Runbook:
 1. packages, the hacluster password (generated, `hacluster_password`), pcsd,
-   the fence agent (fence_lab and its config for the lab; fence-agents
-   otherwise);
+   the fence agent (fence_lab and its config for the lab, from
+   configs/cluster/; fence-agents otherwise);
 2. formation, once: Debian's default corosync.conf is removed with
    `pcs cluster destroy` (pcs refuses to set up over it), `pcs host auth` from
    the first node, `pcs cluster setup --start --enable`; then start/enable only
@@ -39,30 +39,25 @@ Runbook:
 
 from __future__ import annotations
 
-import shlex
-import time
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from invoke import Collection
 
-from .core import HostFailed, HostSession, Run, UserError, runbook
+from .core import HostFailed, HostSession, Run, UserError, join, q, runbook, templates, topology
 from .core.inventory import Inventory
 from .core.secrets import token
+from .core.wait import poll
 
-ROLE = "mail_backend"
+ROLE = topology.MAIL_BACKEND
 SECRET_HACLUSTER = "hacluster_password"
 PACKAGES = ["pacemaker", "pacemaker-cli-utils", "corosync", "pcs", "resource-agents"]
 MAIL_PACKAGES = ["postfix", "dovecot-imapd"]
 FENCE_LAB = "/usr/sbin/fence_lab"
 FENCE_LAB_CONF = "/etc/hastack/fence_lab.conf"
-FENCE_LAB_SOURCE = Path(__file__).resolve().parents[1] / "configs/cluster/usr/sbin/fence_lab"
-FENCE_LAB_PORT = 1229
-DRBD_RESOURCE = "mail"
-DRBD_DEVICE = "/dev/drbd0"
-MAIL_DIR = "/var/vmail"
 PROXY_UNITS = {"haproxy": "haproxy", "proxysql": "proxysql"}
+CIB_TIMEOUT = 120  # seconds the CIB may take to answer after the cluster starts
 # Credentials the operator puts in the secrets store for the real fence agents.
 FENCE_SECRETS = {
     "fence_virsh": ("fence_virsh_ip", "fence_virsh_username", "fence_virsh_password"),
@@ -96,33 +91,24 @@ class Tree:
     stonith: list[Primitive] = field(default_factory=list)
 
 
-def nodes(inv: Inventory) -> list[str]:
-    return inv.with_role(ROLE)
-
-
 def cluster_name(inv: Inventory) -> str:
     return f"{inv.site.name}-mail"[:32]
 
 
-def ring_address(inv: Inventory, host: str) -> str:
-    """Corosync's address of a node: on the mail VIP's network, else its service address."""
-    vip = inv.vips.get("mail")
-    addrs = inv.hosts[host].addresses
-    if vip is not None and vip.network in addrs:
-        return str(addrs[vip.network])
-    from .base import service_address
-
-    return service_address(inv, host)
+def template_vars(inv: Inventory, host: str, secret) -> dict:
+    """fence_lab.conf: the lab machine (the management bridge's first address), its port and secret."""
+    mgmt = inv.networks[inv.management_network].cidr
+    return {
+        "fence_ip": str(next(mgmt.hosts())),
+        "fence_port": topology.FENCE_LAB_PORT,
+        "fence_password": secret(topology.FENCE_LAB_SECRET),
+    }
 
 
 def _ipaddr2(inv: Inventory, vip_name: str, rid: str) -> Primitive:
     vip = inv.vips[vip_name]
     prefix = inv.networks[vip.network].cidr.prefixlen
     return Primitive(rid, "ocf:heartbeat:IPaddr2", (("ip", str(vip.address)), ("cidr_netmask", str(prefix))))
-
-
-def proxy_kind(inv: Inventory) -> str:
-    return inv.mail.db_proxy if inv.mail else "haproxy"
 
 
 def desired_tree(inv: Inventory, secret=None) -> Tree:
@@ -132,13 +118,13 @@ def desired_tree(inv: Inventory, secret=None) -> Tree:
     mail_group: list[str] = []
     if inv.mail.storage == "drbd":
         t.primitives.append(Primitive(
-            "DrbdData", "ocf:linbit:drbd", (("drbd_resource", DRBD_RESOURCE),),
+            "DrbdData", "ocf:linbit:drbd", (("drbd_resource", topology.DRBD_RESOURCE),),
             ("monitor interval=29s role=Promoted", "monitor interval=31s role=Unpromoted"),
         ))
         t.promotable["DrbdData"] = "DrbdData-clone"
         t.primitives.append(Primitive(
             "DrbdFS", "ocf:heartbeat:Filesystem",
-            (("device", DRBD_DEVICE), ("directory", MAIL_DIR), ("fstype", "ext4")),
+            (("device", topology.DRBD_DEVICE), ("directory", topology.MAIL_STORE), ("fstype", "ext4")),
         ))
         mail_group.append("DrbdFS")
         t.colocations.append(("mail", "DrbdData-clone", "Promoted"))
@@ -149,7 +135,7 @@ def desired_tree(inv: Inventory, secret=None) -> Tree:
     mail_group += ["virtual_ip", "postfix", "dovecot"]
     t.groups["mail"] = mail_group
     if "dbproxy" in inv.vips:
-        kind = proxy_kind(inv)
+        kind = topology.db_proxy_kind(inv)
         t.primitives.append(_ipaddr2(inv, "dbproxy", "dbproxy_ip"))
         t.primitives.append(Primitive(kind, f"systemd:{PROXY_UNITS[kind]}"))
         t.groups["dbproxy"] = ["dbproxy_ip", kind]
@@ -160,7 +146,7 @@ def desired_tree(inv: Inventory, secret=None) -> Tree:
 def fence_devices(inv: Inventory, secret=None) -> list[Primitive]:
     """The STONITH devices for the inventory's fence agent; credentials from the secrets store."""
     agent = inv.mail.fence_agent if inv.mail else "none"
-    members = nodes(inv)
+    members = topology.cluster_nodes(inv)
     if agent == "none" or not members:
         return []
     if agent == "fence_lab":
@@ -252,7 +238,7 @@ def _create(p: Primitive, tail: list[str], stonith: bool = False) -> str:
     words += [f"{k}={v}" for k, v in p.params]
     for op in p.ops:
         words += ["op", *op.split()]
-    return " ".join(shlex.quote(w) for w in words + tail)
+    return join(*words, *tail)
 
 
 def plan_changes(tree: Tree, actual: Actual, props: dict[str, dict[str, str]], n_nodes: int
@@ -263,7 +249,7 @@ def plan_changes(tree: Tree, actual: Actual, props: dict[str, dict[str, str]], n
     for section, values in props.items():
         for name, value in values.items():
             if actual.properties.get(section, {}).get(name) != value:
-                todo.append((f"crm_attribute --type {section} --name {name} --update {shlex.quote(value)}",
+                todo.append((join("crm_attribute", "--type", section, "--name", name, "--update", value),
                              f"{section} {name}={value}"))
     member_of = {m: g for g, ms in tree.groups.items() for m in ms}
     for p in [*tree.primitives, *tree.stonith]:
@@ -277,11 +263,11 @@ def plan_changes(tree: Tree, actual: Actual, props: dict[str, dict[str, str]], n
             diff = [(k, v) for k, v in p.params if current.get(k) != v]
             if diff:
                 sub = "stonith" if stonith else "resource"
-                todo.append((" ".join(["pcs", sub, "update", p.id, *(shlex.quote(f"{k}={v}") for k, v in diff)]),
+                todo.append((join("pcs", sub, "update", p.id, *(f"{k}={v}" for k, v in diff)),
                              f"update {p.id}: " + ", ".join(k for k, _ in diff)))
             group = member_of.get(p.id)
             if group and p.id not in actual.groups.get(group, []):
-                todo.append((f"pcs resource group add {group} {p.id}", f"{p.id} joins group {group}"))
+                todo.append((join("pcs", "resource", "group", "add", group, p.id), f"{p.id} joins group {group}"))
             continue
         tail: list[str] = []
         if p.id in tree.promotable:
@@ -304,18 +290,13 @@ def plan_changes(tree: Tree, actual: Actual, props: dict[str, dict[str, str]], n
             actual.groups.setdefault(group, []).append(p.id)
     for rsc, with_rsc, role in tree.colocations:
         if (rsc, with_rsc, role) not in actual.colocations:
-            todo.append((f"pcs constraint colocation add {rsc} with {role} {with_rsc} INFINITY",
+            todo.append((join("pcs", "constraint", "colocation", "add", rsc, "with", role, with_rsc, "INFINITY"),
                          f"colocation {rsc} with {role} {with_rsc}"))
     for first, fa, then, ta in tree.orders:
         if (first, fa, then, ta) not in actual.orders:
-            todo.append((f"pcs constraint order {fa} {first} then {ta} {then}", f"order {fa} {first} then {ta} {then}"))
+            todo.append((join("pcs", "constraint", "order", fa, first, "then", ta, then),
+                         f"order {fa} {first} then {ta} {then}"))
     return todo
-
-
-def owned(h: HostSession, resource: str) -> bool:
-    """Whether Pacemaker owns ``resource`` on this host's cluster (other tiers must
-    then leave its systemd unit alone: no enable, no start)."""
-    return h.probe(f"crm_resource --resource {shlex.quote(resource)} --query-xml").ok
 
 
 # --- the runbook -------------------------------------------------------------
@@ -326,7 +307,7 @@ def converge(run: Run) -> None:
     if inv.mail is None:
         run.report.note("cluster: the inventory has no mail cluster, skipped")
         return
-    members = nodes(inv)
+    members = topology.cluster_nodes(inv)
     if len(members) < 2:
         raise UserError(f"{inv.path}: a cluster needs at least two hosts with role {ROLE}")
     hosts = [h for h in members if h in run.hosts()]
@@ -339,7 +320,7 @@ def converge(run: Run) -> None:
     run.secrets.get(SECRET_HACLUSTER, lambda: token(32))
     tree = desired_tree(inv, run.secrets.require)  # fails early on missing fence credentials
     first = members[0]
-    run.step("cluster: packages, hacluster, pcsd, fence agent", hosts, _node)
+    run.step("cluster: packages, hacluster, pcsd, fence agent", hosts, node_setup)
     state: dict[str, dict] = {}
     run.step("cluster: corosync configuration", hosts, lambda h: _probe_node(h, state))
     run.step("cluster: formation", [first], lambda h: _form(h, state))
@@ -349,16 +330,12 @@ def converge(run: Run) -> None:
     run.step("cluster: resources, constraints, STONITH", [first], lambda h: _resources(h, tree, cib[first]))
 
 
-def _node(h: HostSession) -> None:
+def node_setup(h: HostSession) -> None:
     inv = h.inv
     h.packages(PACKAGES)
     mail_domain = inv.mail.domain if inv.mail else inv.site.domain
-    if h.probe("dpkg-query -W -f='${db:Status-Status}' postfix | grep -qx installed").ok:
-        h.ok("postfix installed")
-    else:
-        h.sh("debconf-set-selections", stdin=f"postfix postfix/main_mailer_type select Internet Site\n"
-             f"postfix postfix/mailname string {mail_domain}\n", message="preseed postfix (Internet Site)")
-    h.packages(MAIL_PACKAGES)
+    h.packages(MAIL_PACKAGES, preseed=["postfix postfix/main_mailer_type select Internet Site",
+                                       f"postfix postfix/mailname string {mail_domain}"])
     password = h.run.secret(SECRET_HACLUSTER)
     check = ("python3 -W ignore -c 'import crypt,subprocess,sys; "
              "s=subprocess.run([\"getent\",\"shadow\",\"hacluster\"],capture_output=True,text=True).stdout.split(\":\"); "
@@ -370,26 +347,16 @@ def _node(h: HostSession) -> None:
     h.service("pcsd")
     agent = inv.mail.fence_agent
     if agent == "fence_lab":
-        h.put(FENCE_LAB_SOURCE.read_text(), FENCE_LAB, mode="0755")
+        h.put(templates.static("cluster/usr/sbin/fence_lab"), FENCE_LAB, mode="0755")
         h.directory("/etc/hastack", mode="0755")
-        h.put(fence_lab_conf(inv, h.run.secret), FENCE_LAB_CONF, mode="0600")
+        h.template("cluster/etc/hastack/fence_lab.conf.j2", FENCE_LAB_CONF, h.tier_vars(template_vars), mode="0600")
     elif agent != "none":
         h.packages(["fence-agents"])
-
-
-def fence_lab_conf(inv: Inventory, secret) -> str:
-    mgmt = inv.networks[inv.management_network].cidr
-    machine = next(mgmt.hosts())  # the lab machine: the bridge's first address
-    return ("# Managed by hastack (fabfile/cluster.py): local edits are overwritten on the next deploy.\n"
-            "# The lab machine's power listener (fabfile/labfence.py) and its shared secret.\n"
-            f"ip={machine}\nipport={FENCE_LAB_PORT}\npassword={secret('fence_lab_secret')}\n")
 
 
 def is_standalone_default(conf: str, ours: list[str]) -> bool:
     """Debian's default corosync.conf (cluster `debian`, one node on 127.0.0.1),
     or any config naming none of our nodes: nothing of this cluster to lose."""
-    import re
-
     names = set(re.findall(r"^\s*(?:name|ring\d+_addr)\s*:\s*(\S+)", conf, re.M))
     return not names & set(ours)
 
@@ -398,8 +365,9 @@ def _probe_node(h: HostSession, state: dict) -> None:
     name = cluster_name(h.inv)
     conf = h.probe("cat /etc/corosync/corosync.conf")
     ours = conf.ok and f"cluster_name: {name}" in conf.stdout
-    if conf.ok and not ours and not is_standalone_default(conf.stdout, [*nodes(h.inv), *map(
-            lambda n: ring_address(h.inv, n), nodes(h.inv))]):
+    members = topology.cluster_nodes(h.inv)
+    if conf.ok and not ours and not is_standalone_default(
+            conf.stdout, [*members, *(topology.ring_address(h.inv, n) for n in members)]):
         raise HostFailed("corosync.conf here names this cluster's nodes under another cluster name; "
                          "refusing to touch it (remove it with `pcs cluster destroy` if it is stale)")
     if conf.ok and not ours:
@@ -418,45 +386,50 @@ def _probe_node(h: HostSession, state: dict) -> None:
 
 def _form(h: HostSession, state: dict) -> None:
     inv = h.inv
-    members = nodes(inv)
+    members = topology.cluster_nodes(inv)
     formed = [n for n in members if state[n]["formed"]]
     if formed and len(formed) != len(members):
         raise HostFailed(f"the cluster exists on {', '.join(formed)} but not on "
                          f"{', '.join(n for n in members if n not in formed)}; add those with `pcs cluster node add`")
     password = h.run.secret(SECRET_HACLUSTER)
     if not formed:
-        auth = h.probe("pcs status pcsd " + " ".join(members))
+        auth = h.probe(join("pcs", "status", "pcsd", *members))
         if auth.ok and auth.stdout.count("Online") == len(members):
             h.ok("pcs: every node authenticated")
         else:
-            h.sh("pcs host auth " + " ".join(f"{n} addr={ring_address(inv, n)}" for n in members)
-                 + " -u hacluster -p \"$(cat)\"", stdin=password, message="pcs host auth (all nodes)")
-        h.sh(f"pcs cluster setup {cluster_name(inv)} "
-             + " ".join(f"{n} addr={ring_address(inv, n)}" for n in members)
+            h.sh(join("pcs", "host", "auth", *_node_addrs(inv, members), "-u", "hacluster") + " -p \"$(cat)\"",
+                 stdin=password, message="pcs host auth (all nodes)")
+        h.sh(join("pcs", "cluster", "setup", cluster_name(inv), *_node_addrs(inv, members))
              + " --start --enable --wait=180", message=f"pcs cluster setup {cluster_name(inv)} (start, enable)",
              timeout=300)
         return
     h.ok(f"cluster {cluster_name(inv)} formed on every node")
     stopped = [n for n in members if not state[n]["running"]]
     if stopped:
-        h.sh("pcs cluster start --wait=180 " + " ".join(stopped), message=f"start the cluster on {', '.join(stopped)}",
-             timeout=300)
+        h.sh(join("pcs", "cluster", "start", "--wait=180", *stopped),
+             message=f"start the cluster on {', '.join(stopped)}", timeout=300)
     disabled = [n for n in members if not state[n]["enabled"]]
     if disabled:
-        h.sh("pcs cluster enable " + " ".join(disabled), message=f"enable the cluster on {', '.join(disabled)}")
+        h.sh(join("pcs", "cluster", "enable", *disabled), message=f"enable the cluster on {', '.join(disabled)}")
+
+
+def _node_addrs(inv: Inventory, members: list[str]) -> list[str]:
+    """pcs's `NODE addr=ADDRESS` words (each quoted by the caller's join)."""
+    return [w for n in members for w in (n, f"addr={topology.ring_address(inv, n)}")]
 
 
 def _read_cib(h: HostSession) -> Actual:
-    deadline = time.monotonic() + (0 if h.run.check else 120)
-    while True:
-        r = h.probe("cibadmin --query --scope configuration")
-        if r.ok:
-            return parse_cib(r.stdout)
-        if time.monotonic() > deadline:
-            if h.run.check:
-                return Actual()
-            raise HostFailed(f"the CIB cannot be read: {(r.stderr or r.stdout).strip()}")
-        time.sleep(2)
+    """The CIB's configuration, waited for (up to CIB_TIMEOUT) while a new cluster
+    starts; in check mode one try, an empty CIB when there is none yet."""
+    def read():
+        return h.probe("cibadmin --query --scope configuration")
+
+    if h.run.check:
+        r = read()
+        return parse_cib(r.stdout) if r.ok else Actual()
+    r = poll(read, lambda r: r.ok, timeout=CIB_TIMEOUT, interval=2, what="the CIB (cibadmin --query)",
+             describe=lambda r: (r.stderr or r.stdout).strip() or f"exit {r.exited}", error=HostFailed)
+    return parse_cib(r.stdout)
 
 
 def _properties(h: HostSession, cib: dict) -> None:
@@ -473,7 +446,7 @@ def _owned_units(h: HostSession, tree: Tree, actual: Actual) -> None:
     for p in tree.primitives:
         if not p.unit:
             continue
-        unit = shlex.quote(p.unit)
+        unit = q(p.unit)
         if p.id not in actual.primitives:
             # Not yet a resource: stop it everywhere so Pacemaker finds it inactive.
             if (h.probe(f"systemctl is-enabled {unit}").stdout.strip() == "enabled"
@@ -490,7 +463,7 @@ def _owned_units(h: HostSession, tree: Tree, actual: Actual) -> None:
 
 
 def _resources(h: HostSession, tree: Tree, actual: Actual) -> None:
-    todo = plan_changes(tree, actual, {}, len(nodes(h.inv)))
+    todo = plan_changes(tree, actual, {}, len(topology.cluster_nodes(h.inv)))
     for cmd, msg in todo:
         h.sh(cmd, message=msg)
     if todo:  # the step ends with the tree running, not merely configured
@@ -509,21 +482,16 @@ def deploy(run):
     converge(run)
 
 
-def _online_node(run: Run) -> str:
-    for n in nodes(run.inv):
-        try:
-            run.session(n).open()
-        except UserError:
-            continue
-        if run.session(n).probe("crm_mon -1 >/dev/null").ok:
-            return n
-    raise UserError("no cluster node answers (crm_mon failed on every node)")
+def online_node(run: Run) -> HostSession:
+    """The first cluster node (inventory order) whose Pacemaker answers."""
+    return run.answering(topology.cluster_nodes(run.inv), what="cluster node (crm_mon -1)",
+                         probe="crm_mon -1 >/dev/null")
 
 
 @runbook
 def status(run):
     """Show the cluster: nodes, resources and where they run (crm_mon -1)."""
-    node = _online_node(run)
+    node = online_node(run).name
 
     def one(h: HostSession) -> None:
         out = h.read("crm_mon -1 --include=nodes,resources,failures")
@@ -540,10 +508,10 @@ def online_nodes(crm_mon_xml: str) -> list[str]:
 
 
 def _standby(run: Run, node: str, on: bool) -> None:
-    members = nodes(run.inv)
+    members = topology.cluster_nodes(run.inv)
     if node not in members:
-        raise UserError(f"{node} is not a cluster node (role {ROLE}: {', '.join(members)})")
-    via = _online_node(run)
+        raise UserError(f"{node!r} is not a cluster node (role {ROLE}: {', '.join(members)}); nothing was changed")
+    via = online_node(run).name
 
     def one(h: HostSession) -> None:
         online = online_nodes(h.read("crm_mon -1 --output-as=xml"))
@@ -553,14 +521,14 @@ def _standby(run: Run, node: str, on: bool) -> None:
                 return
             if online == [node]:
                 raise HostFailed(f"{node} is the last online node; refusing to put it in standby")
-            h.sh(f"pcs node standby {node} --wait=120", message=f"{node}: standby (its resources move)",
+            h.sh(f"pcs node standby {q(node)} --wait=120", message=f"{node}: standby (its resources move)",
                  timeout=180)
         else:
-            standby = h.probe(f"crm_attribute --node {node} --name standby --query --quiet").stdout.strip()
+            standby = h.probe(f"crm_attribute --node {q(node)} --name standby --query --quiet").stdout.strip()
             if standby not in ("on", "true", "1", "yes"):
                 h.ok(f"{node} is not in standby")
                 return
-            h.sh(f"pcs node unstandby {node} --wait=120", message=f"{node}: back from standby", timeout=180)
+            h.sh(f"pcs node unstandby {q(node)} --wait=120", message=f"{node}: back from standby", timeout=180)
 
     run.step(f"cluster: {'standby' if on else 'unstandby'} {node}", [via], one)
 

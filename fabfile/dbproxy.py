@@ -21,16 +21,17 @@ from __future__ import annotations
 
 from invoke import Collection
 
-from . import pxc
-from .core import HostSession, Run, UserError, runbook
+from .core import HostSession, Run, UserError, runbook, topology
 from .core.inventory import Inventory
+from .core.sql import mysql_e, mysql_native_hash
 
-PORTS = {"haproxy": 3306, "proxysql": 6033}
 HAPROXY_CFG = "/etc/haproxy/haproxy.cfg"
 PROXYSQL_CFG = "/etc/proxysql.cnf"
 PROXYSQL_KEY = "/etc/apt/keyrings/proxysql.asc"
 PROXYSQL_SERIES = "2.6.x"
 PROXYSQL_REPO = f"https://repo.proxysql.com/ProxySQL/proxysql-{PROXYSQL_SERIES}/bookworm/"
+PROXYSQL_ADMIN_PORT = 6032
+PROXYSQL_ADMIN_SECRET = "proxysql_admin_password"
 WRITER_HOSTGROUP = 10
 # ProxySQL's admin interface: a changed /etc/proxysql.cnf is loaded into the
 # running proxy table by table, then saved to its own database.
@@ -39,53 +40,27 @@ PROXYSQL_RELOAD = (
     "LOAD MYSQL USERS FROM CONFIG", "LOAD MYSQL USERS TO RUNTIME", "SAVE MYSQL USERS TO DISK",
     "LOAD MYSQL VARIABLES FROM CONFIG", "LOAD MYSQL VARIABLES TO RUNTIME", "SAVE MYSQL VARIABLES TO DISK",
 )
-
-
-def kind(inv: Inventory) -> str:
-    return inv.mail.db_proxy if inv.mail else "proxysql"
-
-
-def port(inv: Inventory) -> int:
-    return PORTS[kind(inv)]
-
-
-def proxy_hosts(inv: Inventory) -> list[str]:
-    """Where the proxy runs: the hosts that carry the dbproxy VIP (mail_backend)."""
-    vip = inv.vips.get("dbproxy")
-    return inv.with_role(vip.role if vip else "mail_backend")
-
-
-def bind_addresses(inv: Inventory, host: str) -> list[str]:
-    vip = inv.vips.get("dbproxy")
-    addrs = inv.hosts[host].addresses
-    out = []
-    if vip is not None and vip.network in addrs:
-        out.append(str(addrs[vip.network]))
-        out.append(str(vip.address))
-    else:
-        from .base import service_address
-
-        out.append(service_address(inv, host))
-    return out
+NOT_PROXIED = ("sst", "monitor")  # node-local and health-check accounts: never through the proxy
 
 
 def template_vars(inv: Inventory, host: str, secret) -> dict:
-    binds = bind_addresses(inv, host)
-    p = PORTS[kind(inv)]
-    users = [(a.user, pxc.native_hash(secret(a.secret))) for a in pxc.accounts(inv)
-             if a.user not in ("sst", "monitor")]
+    binds = topology.db_proxy_binds(inv, host)
+    p = topology.db_proxy_port(inv)
+    users = [(a.user, mysql_native_hash(secret(a.secret))) for a in topology.db_accounts(inv)
+             if a.user not in NOT_PROXIED]
+    flavour = inv.mail.galera_flavour if inv.mail else "percona"
     return {
         "bind_addresses": binds,
         "port": p,
         "interfaces": ";".join(f"{a}:{p}" for a in binds),
-        "servers": [(n, pxc.cluster_address(inv, n)) for n in pxc.nodes(inv)],
-        "check_port": pxc.CHECK_PORT,
+        "servers": [(n, topology.galera_address(inv, n)) for n in topology.galera_nodes(inv)],
+        "check_port": topology.GALERA_CHECK_PORT,
         "cluster_name": f"{inv.site.name}-mail",
         "writer_hostgroup": WRITER_HOSTGROUP,
-        "monitor_password": secret("pxc_monitor_password"),
-        "admin_password": secret("proxysql_admin_password"),
+        "monitor_password": secret(topology.account_secret(inv, "monitor")),
+        "admin_password": secret(PROXYSQL_ADMIN_SECRET),
         "users": users,
-        "server_version": "8.0.36" if pxc.flavour(inv).name == "percona" else "10.11.0-MariaDB",
+        "server_version": "8.0.36" if flavour == "percona" else "10.11.0-MariaDB",
         "proxysql_key": PROXYSQL_KEY,
         "proxysql_repo": PROXYSQL_REPO,
     }
@@ -95,19 +70,20 @@ def converge(run: Run) -> None:
     if run.inv.mail is None:
         run.report.note("dbproxy: the inventory has no mail cluster, skipped")
         return
-    hosts = [h for h in proxy_hosts(run.inv) if h in run.hosts()]
-    if not pxc.nodes(run.inv):
+    hosts = [h for h in topology.db_proxy_hosts(run.inv) if h in run.hosts()]
+    if not topology.galera_nodes(run.inv):
         raise UserError(f"{run.inv.path}: the database proxy needs Galera nodes (role galera)")
-    if kind(run.inv) == "haproxy":
-        run.step("dbproxy: haproxy (one writer, Galera-aware checks)", hosts, _haproxy)
+    if topology.db_proxy_kind(run.inv) == "haproxy":
+        run.step("dbproxy: haproxy (one writer, Galera-aware checks)", hosts, haproxy)
     else:
-        run.step("dbproxy: proxysql (Galera hostgroups, one writer)", hosts, _proxysql)
+        run.step("dbproxy: proxysql (Galera hostgroups, one writer)", hosts, proxysql)
 
 
-def _haproxy(h: HostSession) -> None:
+def haproxy(h: HostSession) -> None:
     h.packages(["haproxy"])
-    changed = h.template("dbproxy/etc/haproxy/haproxy.cfg.j2", HAPROXY_CFG, validate="haproxy -c -q -f {}")
-    if _pacemaker_owns(h, "haproxy"):  # the cluster tier runs it on one node; systemd must not start it
+    changed = h.template("dbproxy/etc/haproxy/haproxy.cfg.j2", HAPROXY_CFG, h.tier_vars(template_vars),
+                         validate="haproxy -c -q -f {}")
+    if topology.pacemaker_owns(h, "haproxy"):  # the cluster tier runs it on one node; systemd must not start it
         if changed and h.probe("systemctl is-active -q haproxy").ok:
             h.sh("systemctl reload haproxy", message="reload haproxy (Pacemaker runs it here)")
         else:
@@ -116,31 +92,27 @@ def _haproxy(h: HostSession) -> None:
     h.service("haproxy", reload=changed)
 
 
-def _pacemaker_owns(h: HostSession, resource: str) -> bool:
-    from .cluster import owned
-
-    return owned(h, resource)
-
-
 def proxysql_admin(statements) -> str:
-    sql = "; ".join(statements)
-    return ("mysql --defaults-extra-file=/dev/stdin -h 127.0.0.1 -P 6032 -NB -e " + f'"{sql}"')
+    """The mysql client on ProxySQL's local admin interface running ``statements``
+    (quoted as one word); the admin credentials come on stdin as a client file."""
+    return mysql_e("; ".join(statements), defaults_file="/dev/stdin", host="127.0.0.1", port=PROXYSQL_ADMIN_PORT)
 
 
-def _proxysql(h: HostSession) -> None:
+def proxysql(h: HostSession) -> None:
     h.packages(["ca-certificates", "curl", "gnupg", "mariadb-client"])
     h.ensure(f"test -s {PROXYSQL_KEY}",
              f"install -d -m 0755 /etc/apt/keyrings && curl -fsSL {PROXYSQL_REPO}../repo_pub_key -o {PROXYSQL_KEY}",
              f"ProxySQL's signing key {PROXYSQL_KEY}")
-    if h.template("dbproxy/etc/apt/sources.list.d/proxysql.list.j2", "/etc/apt/sources.list.d/proxysql.list"):
+    v = h.tier_vars(template_vars)
+    if h.template("dbproxy/etc/apt/sources.list.d/proxysql.list.j2", "/etc/apt/sources.list.d/proxysql.list", v):
         h.apt_update()
     h.packages(["proxysql"])
-    changed = h.template("dbproxy/etc/proxysql.cnf.j2", PROXYSQL_CFG, group="proxysql", mode="0640")
+    changed = h.template("dbproxy/etc/proxysql.cnf.j2", PROXYSQL_CFG, v, group="proxysql", mode="0640")
     was_running = h.probe("systemctl is-active -q proxysql").ok
-    if not _pacemaker_owns(h, "proxysql"):
+    if not topology.pacemaker_owns(h, "proxysql"):
         h.service("proxysql")
     if changed and was_running:
-        admin = h.run.secret("proxysql_admin_password")
+        admin = h.run.secret(PROXYSQL_ADMIN_SECRET)
         h.sh(proxysql_admin(PROXYSQL_RELOAD), stdin=f"[client]\nuser=admin\npassword={admin}\n",
              message="load the changed config into the running ProxySQL")
 

@@ -23,19 +23,20 @@ from __future__ import annotations
 
 from invoke import Collection
 
-from .core import HostFailed, HostSession, Run, UserError, runbook
+from .core import HostFailed, HostSession, Run, UserError, q, runbook, topology
 from .core.inventory import Inventory
 
-ROLE = "mail_backend"
-RESOURCE = "mail"
+ROLE = topology.MAIL_BACKEND
+RESOURCE = topology.DRBD_RESOURCE  # the cluster tier's DrbdData manages it by this name
 RES_FILE = f"/etc/drbd.d/{RESOURCE}.res"
-DEVICE = "/dev/drbd0"
+DEVICE = topology.DRBD_DEVICE
 MINOR = 0
 DISK = "/dev/vg0/mail"  # the backing device on every back end (LVM volume by default)
 PORT = 7789
-MAIL_DIR = "/var/vmail"
-MAIL_USER = "vmail"
+MAIL_DIR = topology.MAIL_STORE
+MAIL_USER = topology.VMAIL_USER
 SECRET = "drbd_mail_secret"
+R = q(RESOURCE)
 
 
 def version(inv: Inventory) -> int:
@@ -57,8 +58,6 @@ def check(inv: Inventory) -> None:
 
 
 def template_vars(inv: Inventory, host: str, secret) -> dict:
-    from .cluster import ring_address
-
     return {
         "drbd_version": version(inv),
         "drbd_resource": RESOURCE,
@@ -67,7 +66,7 @@ def template_vars(inv: Inventory, host: str, secret) -> dict:
         "drbd_disk": DISK,
         "drbd_port": PORT,
         "drbd_secret": secret(SECRET),
-        "drbd_nodes": [{"name": n, "address": ring_address(inv, n)} for n in members(inv)]
+        "drbd_nodes": [{"name": n, "address": topology.ring_address(inv, n)} for n in members(inv)]
         if inv.mail and inv.with_role(ROLE) else [{"name": host, "address": inv.management_address(host)}],
     }
 
@@ -96,7 +95,7 @@ def converge(run: Run) -> None:
     run.step("drbd: resource file, metadata, up", hosts, lambda h: _node(h, created))
     dstates: dict[str, str] = {}
     run.step("drbd: disk states", hosts,
-             lambda h: dstates.__setitem__(h.name, h.probe(f"drbdadm dstate {RESOURCE}").stdout.strip()))
+             lambda h: dstates.__setitem__(h.name, h.probe(f"drbdadm dstate {R}").stdout.strip()))
     if initial_sync_wanted(created, dstates):
         run.step("drbd: initial sync and file system (brand-new resource)", hosts[:1], _initial)
     else:
@@ -105,35 +104,36 @@ def converge(run: Run) -> None:
 
 def _node(h: HostSession, created: dict) -> None:
     h.packages(["drbd-utils"])
-    changed = h.template(f"drbd/etc/drbd.d/{RESOURCE}.res.j2", RES_FILE, mode="0600",
+    changed = h.template("drbd/etc/drbd.d/mail.res.j2", RES_FILE, h.tier_vars(template_vars), mode="0600",
                          validate="drbdadm -c {} dump all")
-    role = h.probe(f"drbdadm role {RESOURCE}")
-    dump = h.probe(f"drbdadm dump-md {RESOURCE} 2>&1 | tail -3")
+    role = h.probe(f"drbdadm role {R}")
+    dump = h.probe(f"drbdadm dump-md {R} 2>&1 | tail -3")
     if is_new(role.exited, dump.stdout):
-        h.sh(f"drbdadm create-md --force {RESOURCE}", message=f"{RESOURCE}: metadata created (brand-new resource)")
+        h.sh(f"drbdadm create-md --force {R}", message=f"{RESOURCE}: metadata created (brand-new resource)")
         created[h.name] = True
     else:
         created[h.name] = False
         h.ok(f"{RESOURCE}: metadata exists")
     if role.ok:
         if changed:
-            h.sh(f"drbdadm adjust {RESOURCE}", message=f"{RESOURCE}: adjusted to the changed file")
+            h.sh(f"drbdadm adjust {R}", message=f"{RESOURCE}: adjusted to the changed file")
         else:
             h.ok(f"{RESOURCE} is up ({role.stdout.strip()})")
     else:
-        h.sh(f"drbdadm up {RESOURCE}", message=f"{RESOURCE}: up")
+        h.sh(f"drbdadm up {R}", message=f"{RESOURCE}: up")
 
 
 def _initial(h: HostSession) -> None:
-    if h.probe(f"blkid {DEVICE}").ok:
+    dev, user, mnt = q(DEVICE), q(MAIL_USER), q(MAIL_DIR)
+    if h.probe(f"blkid {dev}").ok:
         raise HostFailed(f"{DEVICE} already holds a file system; refusing to mkfs")
-    h.sh(f"drbdadm primary --force {RESOURCE}", message=f"{RESOURCE}: primary --force (initial sync source)")
-    h.sh(f"mkfs.ext4 -q -L mail {DEVICE}", message=f"mkfs.ext4 {DEVICE}")
-    h.sh(f"id {MAIL_USER} >/dev/null 2>&1 || useradd --system --home-dir {MAIL_DIR} --no-create-home "
-         f"--shell /usr/sbin/nologin {MAIL_USER}", message=f"mail user {MAIL_USER}")
-    h.sh(f"mkdir -p {MAIL_DIR} && mount {DEVICE} {MAIL_DIR} && chown {MAIL_USER}:{MAIL_USER} {MAIL_DIR} "
-         f"&& chmod 0770 {MAIL_DIR} && umount {MAIL_DIR}", message=f"{MAIL_DIR} owned by {MAIL_USER}")
-    h.sh(f"drbdadm secondary {RESOURCE}", message=f"{RESOURCE}: secondary (Pacemaker promotes it)")
+    h.sh(f"drbdadm primary --force {R}", message=f"{RESOURCE}: primary --force (initial sync source)")
+    h.sh(f"mkfs.ext4 -q -L mail {dev}", message=f"mkfs.ext4 {DEVICE}")
+    h.sh(f"id {user} >/dev/null 2>&1 || useradd --system --home-dir {mnt} --no-create-home "
+         f"--shell /usr/sbin/nologin {user}", message=f"mail user {MAIL_USER}")
+    h.sh(f"mkdir -p {mnt} && mount {dev} {mnt} && chown {q(MAIL_USER + ':' + MAIL_USER)} {mnt} "
+         f"&& chmod 0770 {mnt} && umount {mnt}", message=f"{MAIL_DIR} owned by {MAIL_USER}")
+    h.sh(f"drbdadm secondary {R}", message=f"{RESOURCE}: secondary (Pacemaker promotes it)")
 
 
 @runbook(default=True)

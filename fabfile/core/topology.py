@@ -212,3 +212,9 @@ def pacemaker_owns(h, resource: str) -> bool:
 def slot_name(host: str) -> str:
     """A replica's physical replication slot: [a-z0-9_] only."""
     return "replica_" + re.sub(r"[^a-z0-9_]", "_", host.lower())
+
+
+# --- the replicated mail store (drbd tier; the cluster tier's DrbdData / DrbdFS) --------
+
+DRBD_RESOURCE = "mail"
+DRBD_DEVICE = "/dev/drbd0"

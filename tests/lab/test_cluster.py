@@ -26,6 +26,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from fabfile import cluster, lab as labmod
+from fabfile.core import topology
 from tests.lab.labhost import recap
 
 pytestmark = pytest.mark.lab
@@ -42,7 +43,7 @@ def backends(lab):
             assert lab.invoke("pxc.bootstrap", "--yes", timeout=1800).returncode == 0
             out = lab.invoke(tier, timeout=3600)
         assert out.returncode == 0, f"{tier} failed:\n{out.stdout[-3000:]}\n{out.stderr[-2000:]}"
-    nodes = cluster.nodes(lab.inv)
+    nodes = topology.cluster_nodes(lab.inv)
     assert len(nodes) >= 2
     return nodes
 

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fabfile import mail
+from fabfile.core import topology
 from fabfile.core.secrets import token
 from tests.lab.labhost import INV_BIN, recap
 
@@ -176,7 +177,7 @@ def test_postfixadmin_serves_but_not_its_setup_page(lab, m):
 
 def test_every_postfixadmin_table_has_a_primary_key(lab, m):
     h = m.backends[0]
-    db = next(c for c in (mail.mysql_cmd(host=a) for a in mail.db_addresses(m.inv, h))
+    db = next(c for c in (mail.client(a) for a in topology.db_proxy_addresses(m.inv, h))
               if lab.run(h, f"{c} -e 'SELECT 1'").returncode == 0)
     tables = lab.run(h, f"{db} -e 'SHOW TABLES'", check=True).stdout.split()
     assert {"domain", "mailbox", "alias", "admin", "domain_admins", "log", "config"} <= set(tables)

@@ -1,14 +1,18 @@
 """Cluster tier decisions over canned evidence: the desired resource tree from
 each inventory, the CIB parsed, the commands a difference needs (none when
 converged, never a delete), Debian's default corosync.conf recognised, the
-standby guard's view of crm_mon, and the fence_lab agent's protocol."""
+standby guard's view of crm_mon, the fence_lab agent's protocol, and the steps
+on recording hosts (facts in, commands out; none when converged)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import importlib.util
 import io
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -19,10 +23,11 @@ from pathlib import Path
 import pytest
 
 from fabfile import cluster
-from fabfile.core import UserError
+from fabfile.core import HostFailed, Result, UserError, templates, topology
 from fabfile.core.inventory import load
 from fabfile.core.secrets import Secrets
 from fabfile.core.tasks import PROJECT_ROOT
+from fabfile.core.testing import RecordingRun
 from fabfile.lab import fence
 from tests.unit.shipped import INVENTORIES
 
@@ -85,7 +90,7 @@ def test_every_shipped_inventory_has_a_tree(inventory, tmp_path):
     secrets = Secrets(tmp_path / "s.yml")
     for name in ("fence_virsh_ip", "fence_virsh_username", "fence_virsh_password", "fence_vbox_ip",
                  "fence_vbox_username", "fence_vbox_password", "fence_ipmilan_username", "fence_ipmilan_password",
-                 *(f"fence_ipmilan_ip_{n}" for n in cluster.nodes(inv))):
+                 *(f"fence_ipmilan_ip_{n}" for n in topology.cluster_nodes(inv))):
         secrets.get(name)
     t = cluster.desired_tree(inv, secrets.require)
     assert t.groups["mail"][-3:] == ["virtual_ip", "postfix", "dovecot"]
@@ -207,7 +212,7 @@ def test_online_nodes_exclude_standby_offline_and_resource_entries():
 
 
 def test_ring_addresses_on_the_mail_network():
-    assert [cluster.ring_address(LAB, n) for n in cluster.nodes(LAB)] == \
+    assert [topology.ring_address(LAB, n) for n in topology.cluster_nodes(LAB)] == \
         ["10.200.11.113", "10.200.11.114", "10.200.11.115"]
     assert cluster.cluster_name(LAB) == "lab-mail"
 
@@ -309,3 +314,150 @@ def test_agent_talks_to_a_listener(monkeypatch):
     assert AGENT.run({**opts, "action": "status"}, io.StringIO()) == 2
     t.join(5)
     srv.close()
+
+
+# --- the steps on recording hosts ------------------------------------------------------
+
+SECRET = Secrets(Path("/nonexistent/secrets.yml"), persist=False).get
+NODES = topology.cluster_nodes(LAB)
+UPLOAD = (r"^(mkdir -p |chown |mv -f |cp -a |rm -f )", Result())
+RUNNING = [(r"^systemctl is-enabled", Result(stdout="enabled\n")), (r"^systemctl is-(active|enabled) -q", Result()),
+           (r"^systemctl is-active", Result())]
+
+
+def recording(answers=None, check=False):
+    run = RecordingRun(LAB, answers={**(answers or {}), "*": [*(answers or {}).get("*", []), UPLOAD]}, check=check)
+    run.secrets.get = lambda name, *a: SECRET(name)
+    return run
+
+
+def in_place(path, text, meta):
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return (rf"^stat -c '%U:%G:%a' {re.escape(path)} && sha256sum", Result(stdout=f"{meta}\n{digest}  {path}\n"))
+
+
+def test_fence_lab_conf_template():
+    v = cluster.template_vars(LAB, "postfix01", SECRET)
+    text = templates.render("cluster/etc/hastack/fence_lab.conf.j2", LAB, "postfix01", SECRET, **v)
+    assert text.startswith("# Managed by hastack (configs/cluster/etc/hastack/fence_lab.conf.j2)")
+    conf = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert conf == {"ip": "10.200.0.1", "ipport": str(topology.FENCE_LAB_PORT),
+                    "password": SECRET(topology.FENCE_LAB_SECRET)}
+
+
+def test_node_setup_already_converged_runs_no_command():
+    conf = templates.render("cluster/etc/hastack/fence_lab.conf.j2", LAB, "postfix01", SECRET,
+                            **cluster.template_vars(LAB, "postfix01", SECRET))
+    run = recording({"postfix01": [
+        (r"^dpkg-query -W -f='\$\{Package\}", lambda cmd, stdin: Result(
+            stdout="".join(f"{p} installed\n" for p in shlex.split(cmd)[3:]))),
+        (r"^python3 -W ignore -c 'import crypt", Result()),
+        in_place(cluster.FENCE_LAB, templates.static("cluster/usr/sbin/fence_lab"), "root:root:755"),
+        in_place(cluster.FENCE_LAB_CONF, conf, "root:root:600"),
+        (r"^stat -c '%U:%G:%a' /etc/hastack$", Result(stdout="root:root:755\n")), *RUNNING]})
+    cluster.node_setup(run.session("postfix01"))
+    assert run.session("postfix01").changes == []
+
+
+def test_node_setup_on_a_fresh_node_preseeds_postfix_and_puts_the_fence_agent():
+    run = recording()
+    h = run.session("postfix01")
+    cluster.node_setup(h)
+    assert ("debconf-set-selections", "postfix postfix/main_mailer_type select Internet Site\n"
+            "postfix postfix/mailname string lab.test\n") in h.stdins
+    assert ("chpasswd", f"hacluster:{SECRET('hacluster_password')}\n") in h.stdins
+    assert h.uploads[cluster.FENCE_LAB + ".hastack-new"] == templates.static("cluster/usr/sbin/fence_lab")
+    assert "password=" + SECRET("fence_lab_secret") in h.uploads[cluster.FENCE_LAB_CONF + ".hastack-new"]
+    assert not any(SECRET("hacluster_password") in c for c in h.commands)
+
+
+def _cib(xml=CIB):
+    return (r"^cibadmin --query --scope configuration$", Result(stdout=xml))
+
+
+def test_properties_and_resources_on_a_converged_cib_run_no_command():
+    run = recording({"postfix01": [_cib()]})
+    h = run.session("postfix01")
+    cib = {}
+    cluster._properties(h, cib)
+    cluster._resources(h, cluster.desired_tree(LAB), cib["postfix01"])
+    assert h.changes == []
+
+
+def test_resources_on_an_empty_cib_create_the_tree_and_wait_for_it_to_settle():
+    run = recording()
+    h = run.session("postfix01")
+    cluster._resources(h, cluster.desired_tree(LAB), cluster.Actual())
+    assert h.changes[0].startswith("pcs resource create virtual_ip ocf:heartbeat:IPaddr2")
+    assert h.changes[-1] == "crm_resource --wait --timeout=180"
+
+
+def test_unreadable_cib_fails_after_the_deadline(monkeypatch):
+    monkeypatch.setattr(cluster, "CIB_TIMEOUT", 0)
+    run = recording({"postfix01": [(r"^cibadmin", Result(stderr="Connection to cluster failed", exited=102))]})
+    with pytest.raises(HostFailed, match="the CIB .* not reached after 0s .*Connection to cluster failed"):
+        cluster._read_cib(run.session("postfix01"))
+    assert cluster._read_cib(recording(check=True).session("postfix01")) == cluster.Actual()
+
+
+def test_owned_units_already_disabled_run_no_command():
+    run = recording({"postfix01": [(r"^systemctl is-enabled", Result(stdout="disabled\n"))]})
+    cluster._owned_units(run.session("postfix01"), cluster.desired_tree(LAB), cluster.parse_cib(CIB))
+    assert run.session("postfix01").changes == []
+
+
+def test_owned_units_before_their_resource_are_stopped_and_disabled():
+    run = recording({"postfix01": RUNNING})
+    cluster._owned_units(run.session("postfix01"), cluster.desired_tree(LAB), cluster.Actual())
+    assert run.session("postfix01").changes == [
+        "systemctl disable --now postfix@-", "systemctl disable --now dovecot", "systemctl disable --now haproxy",
+        "systemctl disable postfix"]
+
+
+def test_formed_running_cluster_runs_no_command():
+    run = recording()
+    state = {n: {"formed": True, "running": True, "enabled": True} for n in NODES}
+    cluster._form(run.session("postfix01"), state)
+    assert run.session("postfix01").changes == []
+
+
+def test_formation_authenticates_with_the_password_on_stdin_and_sets_up_on_ring_addresses():
+    run = recording()
+    state = {n: {"formed": False, "running": False, "enabled": False} for n in NODES}
+    h = run.session("postfix01")
+    cluster._form(h, state)
+    addrs = " ".join(f"{n} addr={topology.ring_address(LAB, n)}" for n in NODES)
+    assert h.changes == [f'pcs host auth {addrs} -u hacluster -p "$(cat)"',
+                         f"pcs cluster setup lab-mail {addrs} --start --enable --wait=180"]
+    assert h.stdins[0][1] == SECRET("hacluster_password")
+
+
+def _standby(node, on, answers):
+    run = recording({"*": [(r"^crm_mon -1 >/dev/null$", Result()), *answers]})
+    (cluster.standby if on else cluster.unstandby).body.runbook(run, node)
+    return run
+
+
+def test_standby_moves_an_online_node_and_refuses_an_unknown_one_before_connecting():
+    run = _standby("postfix02", True, [(r"^crm_mon -1 --output-as=xml$", Result(stdout=CRM_MON.replace(
+        'name="postfix02" id="2" online="true" standby="true"', 'name="postfix02" id="2" online="true" standby="false"')))])
+    assert run.session("postfix01").changes == ["pcs node standby postfix02 --wait=120"]
+    for bad in ("postfix02;reboot", "$(id)", "pxc1"):
+        run = recording()
+        with pytest.raises(UserError, match="is not a cluster node"):
+            cluster.standby.body.runbook(run, bad)
+        assert run.connected == []
+
+
+def test_standby_already_in_standby_and_unstandby_of_an_online_node_run_no_command():
+    run = _standby("postfix02", True, [(r"^crm_mon -1 --output-as=xml$", Result(stdout=CRM_MON))])
+    assert run.session("postfix01").changes == []
+    run = _standby("postfix01", False, [(r"^crm_mon -1 --output-as=xml$", Result(stdout=CRM_MON)),
+                                        (r"^crm_attribute --node postfix01 --name standby", Result(stdout="off\n"))])
+    assert run.session("postfix01").changes == []
+
+
+def test_no_cluster_node_answering_is_a_clear_error():
+    run = recording()
+    with pytest.raises(UserError, match="no cluster node .* answers"):
+        cluster.status.body.runbook(run)

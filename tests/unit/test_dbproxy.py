@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from fabfile import dbproxy, firewall, pxc
-from fabfile.core import templates
+from fabfile import dbproxy
+from fabfile.core import Result, flows, templates, topology
 from fabfile.core.inventory import load
 from fabfile.core.secrets import Secrets
+from fabfile.core.sql import mysql_native_hash
+from fabfile.core.testing import RecordingRun
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB = load(ROOT / "inventory/lab.yml")  # haproxy
@@ -29,8 +33,12 @@ def secrets(tmp_path):
     return Secrets(tmp_path / "secrets.yml")
 
 
+def render(name, inv, host, secret):
+    return templates.render(name, inv, host, secret, **dbproxy.template_vars(inv, host, secret))
+
+
 def haproxy_cfg(secrets, host="postfix01"):
-    return templates.render("dbproxy/etc/haproxy/haproxy.cfg.j2", LAB, host, secrets.get)
+    return render("dbproxy/etc/haproxy/haproxy.cfg.j2", LAB, host, secrets.get)
 
 
 def test_haproxy_one_writer_rest_backup(secrets):
@@ -127,7 +135,7 @@ def libconfig():
 
 
 def proxysql_cnf(secrets, host="postfix01"):
-    return templates.render("dbproxy/etc/proxysql.cnf.j2", EXAMPLE, host, secrets.get)
+    return render("dbproxy/etc/proxysql.cnf.j2", EXAMPLE, host, secrets.get)
 
 
 def test_proxysql_config_parses_with_libconfig(libconfig, secrets):
@@ -146,9 +154,9 @@ def test_proxysql_config_parses_with_libconfig(libconfig, secrets):
         "max_writers": 1, "writer_is_also_reader": 0, "active": 1}
     users = {libconfig.member(u, "username"): libconfig.member(u, "password") for u in libconfig.rows("mysql_users")}
     assert set(users) == {"postfixadmin", "postfix", "dovecot", "roundcube"}
-    for account in pxc.accounts(EXAMPLE):
+    for account in topology.db_accounts(EXAMPLE):
         if account.user in users:
-            assert users[account.user] == pxc.native_hash(secrets.get(account.secret))
+            assert users[account.user] == mysql_native_hash(secrets.get(account.secret))
 
 
 def test_libconfig_rejects_a_broken_file(libconfig, secrets):
@@ -159,7 +167,7 @@ def test_libconfig_rejects_a_broken_file(libconfig, secrets):
 
 def test_proxysql_config_has_no_plaintext_app_passwords(secrets):
     text = proxysql_cnf(secrets)
-    for account in pxc.accounts(EXAMPLE):
+    for account in topology.db_accounts(EXAMPLE):
         if account.user != "monitor":
             assert secrets.get(account.secret) not in text
 
@@ -172,11 +180,67 @@ def test_proxysql_reload_sequence():
 
 
 def test_ports_and_hosts():
-    assert dbproxy.port(LAB) == 3306 and dbproxy.port(EXAMPLE) == 6033
-    assert dbproxy.proxy_hosts(LAB) == ["postfix01", "postfix02", "postfix03"]
+    assert topology.db_proxy_port(LAB) == 3306 and topology.db_proxy_port(EXAMPLE) == 6033
+    assert topology.db_proxy_hosts(LAB) == ["postfix01", "postfix02", "postfix03"]
 
 
 def test_firewall_lets_only_back_ends_ask_the_galera_check():
-    rows = [a for a in firewall.TABLE["galera"] if a.ports == "9200"]
+    rows = [a for a in flows.TABLE["galera"] if a.ports == "9200"]
     assert len(rows) == 1 and rows[0].sources == ("mail_backend",)
     assert rows[0].when(LAB) and not rows[0].when(EXAMPLE)
+
+
+# --- the steps on recording hosts (facts in, commands out) ---------------------------------
+
+SECRET = Secrets(Path("/nonexistent/secrets.yml"), persist=False).get
+UPLOAD = (r"^(mkdir -p |chown |mv -f |cp -a |rm -f |haproxy -c )", Result())
+
+
+def recording(inv, answers):
+    run = RecordingRun(inv, answers={**answers, "*": [UPLOAD]})
+    run.secrets.get = lambda name, *a: SECRET(name)
+    return run
+
+
+def in_place(path, text, meta):
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return (rf"^stat -c '%U:%G:%a' {re.escape(path)} && sha256sum", Result(stdout=f"{meta}\n{digest}  {path}\n"))
+
+
+def test_haproxy_already_converged_runs_no_command():
+    cfg = render("dbproxy/etc/haproxy/haproxy.cfg.j2", LAB, "postfix01", SECRET)
+    run = recording(LAB, {"postfix01": [
+        (r"^dpkg-query -W -f='\$\{Package\}", Result(stdout="haproxy installed\n")),
+        in_place(dbproxy.HAPROXY_CFG, cfg, "root:root:644"),
+        (r"^systemctl is-enabled", Result(stdout="enabled\n")), (r"^systemctl is-active", Result())]})
+    dbproxy.haproxy(run.session("postfix01"))
+    assert run.session("postfix01").changes == []
+
+
+def test_haproxy_owned_by_pacemaker_is_reloaded_only_where_it_runs():
+    owns = (r"crm_resource --resource haproxy --query-xml", Result())
+    run = recording(LAB, {"postfix01": [owns, (r"^systemctl is-active -q haproxy$", Result())],
+                          "postfix02": [owns]})
+    for host in ("postfix01", "postfix02"):
+        dbproxy.haproxy(run.session(host))
+    assert run.session("postfix01").changes[-1] == "systemctl reload haproxy"
+    assert not any(c.startswith("systemctl") for c in run.session("postfix02").changes)  # never started here
+
+
+def test_proxysql_changed_config_is_loaded_with_the_admin_password_on_stdin():
+    run = recording(EXAMPLE, {"postfix01": [
+        (r"^dpkg-query -W -f='\$\{Package\}", lambda cmd, stdin: Result(
+            stdout="".join(f"{p} installed\n" for p in shlex.split(cmd)[3:]))),
+        (r"^test -s /etc/apt/keyrings/proxysql.asc$", Result()),
+        in_place("/etc/apt/sources.list.d/proxysql.list",
+                 render("dbproxy/etc/apt/sources.list.d/proxysql.list.j2", EXAMPLE, "postfix01", SECRET),
+                 "root:root:644"),
+        (r"^systemctl is-enabled", Result(stdout="enabled\n")), (r"^systemctl is-active", Result())]})
+    h = run.session("postfix01")
+    dbproxy.proxysql(h)
+    assert h.changes[-1] == dbproxy.proxysql_admin(dbproxy.PROXYSQL_RELOAD)
+    assert h.stdins[-1][1] == f"[client]\nuser=admin\npassword={SECRET('proxysql_admin_password')}\n"
+    assert SECRET("proxysql_admin_password") not in " ".join(h.commands)
+    words = shlex.split(h.changes[-1])
+    assert words[:5] == ["mysql", "--defaults-extra-file=/dev/stdin", "-h", "127.0.0.1", "-P"]
+    assert words[-1] == "; ".join(dbproxy.PROXYSQL_RELOAD)  # one quoted word, whatever it holds

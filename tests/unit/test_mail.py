@@ -1,21 +1,27 @@
 """The mail tier without hosts: postfix's, dovecot's and Postfixadmin's files
 as rendered for every shipped inventory with a mail cluster (checked by parsing
 them here: no postconf/doveconf needed), the hashes, address validation, the
-SQL the ops tasks write, and the primary-key patch of Postfixadmin's upgrade.php."""
+SQL the ops tasks write, the primary-key patch of Postfixadmin's upgrade.php,
+and the runbook and ops on recording hosts: facts in, commands out."""
 
 from __future__ import annotations
 
+import hashlib
 import re
+import shlex
 from pathlib import Path
 
 import bcrypt
 import pytest
 
-from fabfile import dbproxy, mail, pki, pxc
-from fabfile.core import templates
+from fabfile import mail
+from fabfile.core import Result, templates, topology
 from fabfile.core.errors import UserError
 from fabfile.core.inventory import load
 from fabfile.core.secrets import Secrets
+from fabfile.core.sql import my_literal
+from fabfile.core.testing import RecordingRun
+from fabfile.mail import addresses, ops, postfixadmin
 from tests.unit.shipped import INVENTORIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,8 +35,12 @@ def secrets(tmp_path):
     return Secrets(tmp_path / "secrets.yml")
 
 
+def render_full(name: str, inv, host, secret) -> str:
+    return templates.render(name, inv, host, secret, **mail.template_vars(inv, host, secret))
+
+
 def render(name: str, secrets, inv=LAB, host="postfix01") -> str:
-    return templates.render(f"mail/etc/{name}", inv, host, secrets.get)
+    return render_full(f"mail/etc/{name}", inv, host, secrets.get)
 
 
 def postfix_params(text: str) -> dict[str, str]:
@@ -73,7 +83,7 @@ def test_every_template_renders_for_every_back_end(path, secrets):
     inv = load(path)
     for host in mail.backends(inv):
         for name in MAIL_TEMPLATES:
-            text = templates.render(name, inv, host, secrets.get)
+            text = render_full(name, inv, host, secrets.get)
             assert "Managed by hastack" in text
             assert "None" not in text.replace("NOT NULL", "")
 
@@ -90,8 +100,8 @@ def test_main_cf_virtual_domains_lmtp_tls_and_no_open_relay(secrets):
     assert p["smtpd_sasl_type"] == "dovecot" and p["smtpd_sasl_path"] == "private/auth"
     for m in mail.POSTFIX_MAPS:
         assert f"proxy:mysql:/etc/postfix/mysql-virtual-{m}.cf" in p.values()
-    assert p["smtpd_tls_cert_file"] == pki.cert_path("postfix01")
-    assert p["smtpd_tls_key_file"] == pki.key_path("postfix01")
+    assert p["smtpd_tls_cert_file"] == topology.cert_path("postfix01")
+    assert p["smtpd_tls_key_file"] == topology.key_path("postfix01")
     assert p["myhostname"] == LAB.vips["mail"].names[0]
 
 
@@ -113,24 +123,24 @@ def test_master_cf_submission_requires_tls_and_auth_smtp_does_not_offer_auth(sec
 @pytest.mark.parametrize("path", MAIL_INVENTORIES, ids=lambda p: p.name)
 def test_lookups_go_through_the_db_proxy_as_the_accounts_pxc_creates(path, secrets):
     inv = load(path)
-    accounts = {a.user: a for a in pxc.accounts(inv)}
+    accounts = {a.user: a for a in topology.db_accounts(inv)}
     host = mail.backends(inv)[0]
-    port = dbproxy.port(inv)
-    want_hosts = mail.db_addresses(inv, host)
+    port = topology.db_proxy_port(inv)
+    want_hosts = topology.db_proxy_addresses(inv, host)
     if "dbproxy" in inv.vips:
         assert want_hosts[0] == str(inv.vips["dbproxy"].address)
     for m in mail.POSTFIX_MAPS:
-        p = postfix_params(templates.render(f"mail/etc/postfix/mysql-virtual-{m}.cf.j2", inv, host, secrets.get))
+        p = postfix_params(render_full(f"mail/etc/postfix/mysql-virtual-{m}.cf.j2", inv, host, secrets.get))
         assert p["hosts"].split() == [f"inet:{a}:{port}" for a in want_hosts]
         assert p["user"] == "postfix" and p["dbname"] == "postfix"
         assert p["password"] == secrets.get(accounts["postfix"].secret)
         assert "'%s'" in p["query"]
-    sql = templates.render("mail/etc/dovecot/dovecot-sql.conf.ext.j2", inv, host, secrets.get)
+    sql = render_full("mail/etc/dovecot/dovecot-sql.conf.ext.j2", inv, host, secrets.get)
     connect = re.search(r"^connect = (.*)$", sql, re.MULTILINE)[1].split()
     assert [c for c in connect if c.startswith("host=")] == [f"host={a}" for a in want_hosts]
     assert f"port={port}" in connect and "user=dovecot" in connect
     assert f"password={secrets.get(accounts['dovecot'].secret)}" in connect
-    php = templates.render("mail/etc/postfixadmin/dbconfig.inc.php.j2", inv, host, secrets.get)
+    php = render_full("mail/etc/postfixadmin/dbconfig.inc.php.j2", inv, host, secrets.get)
     assert f"$dbpass = '{secrets.get(accounts['postfixadmin'].secret)}';" in php
 
 
@@ -143,7 +153,7 @@ def test_dovecot_imap_starttls_imaps_lmtp_and_auth_sockets_match_postfix(secrets
     assert re.search(r"inet_listener imaps \{\s+port = 993\s+ssl = yes\s+\}", conf)
     assert re.search(r"inet_listener imap \{\s+port = 143\s+\}", conf)
     assert "ssl = yes\n" in conf and "disable_plaintext_auth = yes" in conf
-    assert f"ssl_cert = <{pki.cert_path('postfix01')}" in conf and f"ssl_key = <{pki.key_path('postfix01')}" in conf
+    assert f"ssl_cert = <{topology.cert_path('postfix01')}" in conf and f"ssl_key = <{topology.key_path('postfix01')}" in conf
     assert conf.count("driver = sql") == 2  # passdb and userdb
     assert "!include" not in conf  # the whole configuration is this file
     assert f"mail_uid = {mail.VMAIL_UID}" in conf
@@ -161,7 +171,7 @@ def test_postfixadmin_config_and_no_setup_page(secrets):
     assert "$CONF['encrypt'] = 'dovecot:BLF-CRYPT';" in local
     site = render("nginx/sites-available/postfixadmin.j2", secrets)
     assert "location = /setup.php { return 404; }" in site
-    assert f"ssl_certificate {pki.cert_path('postfix01')};" in site
+    assert f"ssl_certificate {topology.cert_path('postfix01')};" in site
     for name in LAB.vips["mail"].names:
         assert name in site
 
@@ -194,7 +204,8 @@ def test_valid_addresses(address, want):
     "", "alice", "alice@", "@lab.test", "a@b@lab.test", "bad..dots@lab.test", ".lead@lab.test",
     "trail.@lab.test", "sp ace@lab.test", "quote'@lab.test", "semi;colon@lab.test", "alice@localhost",
     "alice@-bad.test", "alice@bad-.test", "alice@lab..test", "alice@1.2.3.4", "a" * 65 + "@lab.test",
-    "alice@lab_test.org",
+    "alice@lab_test.org", "bob\n@lab.test", "bob@lab.test\n", "alice\n@lab.test", " alice@lab.test",
+    "x;id@lab.test", "$(id)@lab.test", "`id`@lab.test", "a@lab.test;id",
 ])
 def test_malformed_addresses_are_refused(address):
     with pytest.raises(UserError, match="nothing was changed"):
@@ -208,14 +219,14 @@ def test_bad_passwords_are_refused(password):
 
 
 def test_sql_rows_match_postfixadmin_and_are_quoted():
-    assert mail.sql_quote("it's") == "'it\\'s'"
-    assert mail.sql_quote("back\\slash") == "'back\\\\slash'"
-    sql = mail.mailbox_sql("alice", "lab.test", "{BLF-CRYPT}$2y$10$x", "Alice O'Neil")
+    assert my_literal("it's") == "'it\\'s'"
+    assert my_literal("back\\slash") == "'back\\\\slash'"
+    sql = postfixadmin.mailbox_sql("alice", "lab.test", "{BLF-CRYPT}$2y$10$x", "Alice O'Neil")
     assert "'lab.test/alice/'" in sql  # maildir: domain_path YES, domain_in_mailbox NO
     assert "INSERT INTO alias (address, goto, domain" in sql and "('alice@lab.test', 'alice@lab.test'" in sql
     assert "'Alice O\\'Neil'" in sql
     assert "INSERT INTO log" in sql
-    alias = mail.alias_sql("info@lab.test", "lab.test", ["a@lab.test", "b@x.org"])
+    alias = postfixadmin.alias_sql("info@lab.test", "lab.test", ["a@lab.test", "b@x.org"])
     assert "'a@lab.test,b@x.org'" in alias
 
 
@@ -261,3 +272,279 @@ def test_tasks_are_registered():
 
     names = set(tasks.ns.collections["mail"].task_names)
     assert {"deploy", "add-domain", "add-mailbox", "add-alias", "set-password", "list"} <= names
+
+
+# --- the runbook and the ops on recording hosts (facts in, commands out) -------------------
+
+SECRET = Secrets(Path("/nonexistent/secrets.yml"), persist=False).get  # generated, in memory
+VIP = str(LAB.vips["mail"].address)
+DB = postfixadmin.client(topology.db_proxy_addresses(LAB, "postfix01")[0])
+
+
+def files_in_place(files: dict[str, tuple[str, str]]):
+    """A rule: ``files`` (path -> (content, 'owner:group:mode')) are on the host as wanted."""
+    def stat(cmd, stdin):
+        for path, (text, meta) in files.items():
+            if cmd.endswith(f"sha256sum {path}"):
+                return Result(stdout=f"{meta}\n{hashlib.sha256(text.encode()).hexdigest()}  {path}\n")
+        return Result(exited=1)
+    return (r"^stat -c '%U:%G:%a' \S+ && sha256sum", stat)
+
+
+# what `put` runs around an upload (and the checkers of the new files): they succeed
+UPLOAD = (r"^(mkdir -p |chown |mv -f |cp -a |rm -f |postfix check|doveconf -n|php -l |nginx -t)", Result())
+
+
+def recording(answers=None, **kw) -> RecordingRun:
+    answers = dict(answers or {})
+    answers["*"] = [*answers.get("*", []), UPLOAD]
+    run = RecordingRun(LAB, answers=answers, **kw)
+    run.secrets.get = lambda name, *a: SECRET(name)
+    return run
+
+
+def mail_files(host: str) -> dict[str, tuple[str, str]]:
+    v = mail.template_vars(LAB, host, SECRET)
+
+    def r(name):
+        return templates.render(name, LAB, host, SECRET, **v)
+    out = {f"/etc/postfix/mysql-virtual-{m}.cf": (r(f"mail/etc/postfix/mysql-virtual-{m}.cf.j2"), "root:postfix:640")
+           for m in mail.POSTFIX_MAPS}
+    for name, dest, meta in (
+            ("postfix/main.cf", "/etc/postfix/main.cf", "root:root:644"),
+            ("postfix/master.cf", "/etc/postfix/master.cf", "root:root:644"),
+            ("aliases", "/etc/aliases", "root:root:644"),
+            ("dovecot/dovecot-sql.conf.ext", "/etc/dovecot/dovecot-sql.conf.ext", "root:dovecot:640"),
+            ("dovecot/dovecot.conf", "/etc/dovecot/dovecot.conf", "root:root:644"),
+            ("postfixadmin/dbconfig.inc.php", "/etc/postfixadmin/dbconfig.inc.php", "root:www-data:640"),
+            ("postfixadmin/config.local.php", "/etc/postfixadmin/config.local.php", "root:www-data:640"),
+            ("postfixadmin/hastack-client.cnf", mail.PFA_CLIENT_CNF, "root:root:600"),
+            ("nginx/sites-available/postfixadmin", "/etc/nginx/sites-available/postfixadmin", "root:root:644")):
+        out[dest] = (r(f"mail/etc/{name}.j2"), meta)
+    return out
+
+
+RUNNING = [(r"^systemctl is-enabled", Result(stdout="enabled\n")), (r"^systemctl is-active", Result())]
+
+
+def test_install_step_already_converged_runs_no_command():
+    pkgs = "".join(f"{p} installed\n" for p in mail.PACKAGES)
+    run = recording({"postfix01": [
+        (r"^dpkg-query -W -f='\$\{Package\}", Result(stdout=pkgs)),
+        (r"^id -u vmail && id -g vmail$", Result(stdout="5000\n5000\n")),
+        (r"^getent ", Result()),
+        (r"^stat -c '%U:%G:%a' /var/vmail$", Result(stdout="vmail:vmail:770\n")),
+    ]})
+    mail.install(run.session("postfix01"))
+    assert run.session("postfix01").changes == []
+
+
+def test_install_on_a_fresh_host_preseeds_installs_and_makes_the_vmail_user():
+    run = recording()
+    mail.install(run.session("postfix01"))
+    changes = run.session("postfix01").changes
+    assert changes[0] == "debconf-set-selections"
+    assert run.session("postfix01").stdins[0][1] == "".join(line + "\n" for line in mail.DEBCONF)
+    assert any(c.startswith("DEBIAN_FRONTEND=noninteractive apt-get install") and " postfixadmin " in c + " "
+               for c in changes)
+    assert "groupadd -g 5000 vmail" in changes
+    assert "useradd -r -u 5000 -g vmail -d /var/vmail -s /usr/sbin/nologin -M vmail" in changes
+
+
+def test_install_refuses_a_vmail_user_with_another_uid():
+    run = recording({"postfix01": [(r"^id -u vmail", Result(stdout="1001\n1001\n"))]})
+    with pytest.raises(mail.HostFailed, match="uid/gid 1001/1001.*5000/5000"):
+        mail.install(run.session("postfix01"))
+
+
+def test_config_steps_already_converged_run_no_command():
+    run = recording({"postfix01": [
+        files_in_place(mail_files("postfix01")), (r"^test /etc/aliases.db -nt /etc/aliases$", Result()),
+        (r"^test \"\$\(readlink", Result()), (r"^! test -e /etc/nginx/sites-enabled/default$", Result()),
+        (r"^test -d /var/cache/postfixadmin/templates_c", Result()), *RUNNING]})
+    h = run.session("postfix01")
+    assert mail.configure(h) == {"postfix": False, "postfix_restart": False, "dovecot": False}
+    mail.web(h)
+    assert h.changes == [] and not h.uploads
+
+
+def test_setup_hash_is_computed_once_per_host_and_run(monkeypatch):
+    calls = []
+    real = mail.setup_password_hash
+    monkeypatch.setattr(mail, "setup_password_hash", lambda pw: calls.append(pw) or real(pw))
+    run = recording()
+    h = run.session("postfix01")
+    mail.configure(h)
+    mail.web(h)
+    assert len(calls) == 1
+    assert len([u for u in h.uploads if u.startswith("/etc/")]) == 12  # every mail template rendered
+
+
+def test_services_without_pacemaker_are_enabled_and_started_once():
+    started = set()
+
+    def start(cmd, stdin):
+        started.add(cmd.split()[-1])
+        return Result()
+    run = recording({"postfix01": [(r"^systemctl start ", start),
+                                   (r"^systemctl is-active (-q )?(\S+)$",
+                                    lambda cmd, stdin: Result(exited=0 if cmd.split()[-1] in started else 3))]})
+    h = run.session("postfix01")
+    mail.services(h, {})
+    assert h.changes == ["systemctl start postfix", "systemctl enable postfix", "systemctl enable dovecot",
+                         "systemctl start dovecot"]
+
+
+def test_services_already_converged_run_no_command():
+    run = recording({"postfix01": RUNNING})
+    mail.services(run.session("postfix01"), {})
+    assert run.session("postfix01").changes == []
+
+
+def test_services_pacemaker_owns_are_only_reloaded_where_running():
+    owns = (r"crm_resource --resource (postfix|dovecot) --query-xml", Result())
+    run = recording({"postfix01": [owns, (r"^systemctl is-active -q postfix@-$", Result())]})
+    mail.services(run.session("postfix01"), {"postfix": True, "dovecot": True})
+    assert run.session("postfix01").changes == ["systemctl reload postfix@-"]  # dovecot runs elsewhere
+    run = recording({"postfix01": [owns]})
+    mail.services(run.session("postfix01"), {})
+    assert run.session("postfix01").changes == []
+
+
+SCHEMA_DONE = [
+    (r"grep -o 'function upgrade_\[0-9\]\*'", Result(stdout="1844\n")),
+    (r"-e 'SELECT 1'$", Result()),
+    (r"^mysql ", lambda cmd, stdin: Result(stdout={
+        "SELECT value FROM config WHERE name = 'version';": "1844\n",
+        "SELECT domain FROM domain WHERE domain = 'lab.test';": "lab.test\n",
+        "SELECT superadmin, active FROM admin WHERE username = 'admin@lab.test';": "1\t1\n",
+    }.get(stdin, ""))),
+]
+
+
+def test_schema_already_converged_runs_no_command():
+    run = recording({"postfix01": SCHEMA_DONE})
+    mail.schema(run.session("postfix01"))
+    h = run.session("postfix01")
+    assert h.changes == []
+    assert (DB, mail.NO_PK_SQL) in h.stdins  # checked every time
+
+
+def test_schema_on_a_new_database_runs_the_patched_upgrade_and_adds_domain_and_admin():
+    state = {"version": ""}
+
+    def db(cmd, stdin):
+        if stdin == "SELECT value FROM config WHERE name = 'version';":
+            return Result(stdout=state["version"])
+        return Result()
+    upgrade_php = UPGRADE_SNIPPET
+
+    def php(cmd, stdin):
+        state["version"] = "1844\n"
+        return Result(stdout="updating to version 1844")
+    run = recording({"postfix01": [
+        (r"grep -o 'function upgrade_\[0-9\]\*'", Result(stdout="1844\n")),
+        (r"^cat /usr/share/postfixadmin/public/upgrade.php$", Result(stdout=upgrade_php)),
+        (r"-e 'SELECT 1'$", Result()),
+        (r"^cd /usr/share/postfixadmin/public && HASTACK_DB_HOST=", php),
+        (r"^mysql ", db)]})
+    h = run.session("postfix01")
+    mail.schema(h)
+    assert h.uploads[postfixadmin.UPGRADE_COPY + ".hastack-new"] == mail.patch_upgrade(upgrade_php)
+    assert f"cd /usr/share/postfixadmin/public && HASTACK_DB_HOST={VIP.rsplit('.', 1)[0]}" in " ".join(h.commands)
+    writes = [stdin for cmd, stdin in h.stdins if cmd == DB and stdin.startswith("START TRANSACTION")]
+    assert "INSERT INTO domain" in writes[0] and "'lab.test'" in writes[0]
+    assert "INSERT INTO admin" in writes[1] and "'admin@lab.test'" in writes[1]
+    assert SECRET("mail_postfixadmin_admin_password") not in "".join(h.commands + writes)
+
+
+def _op(task, *args, answers=(), **kw):
+    run = recording({"*": [(rf"grep -qw 'inet {re.escape(VIP)}'$", Result(exited=1)), *answers],
+                     "postfix02": [(rf"grep -qw 'inet {re.escape(VIP)}'$", Result())]})
+    task.body.runbook(run, *args, **kw)
+    return run
+
+
+def test_add_mailbox_writes_on_the_vip_holder_with_the_password_on_stdin_only():
+    run = _op(mail.add_mailbox, "Bob@Lab.Test", password="long-enough-1", name="Bob Smith", answers=[
+        (r"-e 'SELECT 1'$", Result()),
+        (r"^mysql ", lambda cmd, stdin: Result(stdout="lab.test\n" if stdin.startswith("SELECT domain") else ""))])
+    h = run.session("postfix02")
+    assert run.connected[:2] == ["postfix01", "postfix02"] and run.session("postfix01").changes == []
+    (change,) = h.changes
+    assert change == postfixadmin.client(topology.db_proxy_addresses(LAB, "postfix02")[0])
+    sql = h.stdins[-1][1]
+    assert "'bob@lab.test'" in sql and "'Bob Smith'" in sql and "{BLF-CRYPT}$2y$10$" in sql
+    assert not any("long-enough-1" in c for c in h.commands) and "long-enough-1" not in sql
+
+
+def test_add_mailbox_refuses_an_unknown_domain_and_changes_nothing():
+    with pytest.raises(UserError, match="lab.test is not served here"):
+        _op(mail.add_mailbox, "bob@lab.test", password="long-enough-1",
+            answers=[(r"-e 'SELECT 1'$", Result()), (r"^mysql ", Result())])
+
+
+@pytest.mark.parametrize("address", ["bob\n@lab.test", "bob@lab.test\n", "x;id@lab.test", "$(id)@lab.test",
+                                     "`id`@lab.test", "a b@lab.test", "o'neil@lab.test", "bob@lab.test;id"])
+def test_ops_refuse_bad_addresses_before_connecting(address):
+    for task, args, kw in ((mail.add_mailbox, (address,), {"password": "long-enough-1"}),
+                           (mail.set_password, (address,), {"password": "long-enough-1"}),
+                           (mail.add_alias, (address, "a@lab.test"), {}),
+                           (mail.add_alias, ("a@lab.test", address), {})):
+        run = recording()
+        with pytest.raises(UserError, match="nothing was changed"):
+            task.body.runbook(run, *args, **kw)
+        assert run.connected == []
+
+
+def test_add_domain_refuses_a_bad_domain_before_connecting():
+    for bad in ("lab.test;id", "lab.test\n", "$(id).test", "exa mple.org"):
+        run = recording()
+        with pytest.raises(UserError, match="not a valid domain name"):
+            mail.add_domain.body.runbook(run, bad)
+        assert run.connected == []
+
+
+def test_password_without_terminal_or_option_is_refused_before_connecting(monkeypatch):
+    monkeypatch.setattr("sys.stdin", None)
+    for task in (mail.add_mailbox, mail.set_password):
+        run = recording()
+        with pytest.raises(UserError, match="no password given.*--password-file"):
+            task.body.runbook(run, "bob@lab.test")
+        assert run.connected == []
+
+
+def test_password_file_and_the_tasks_positional_arguments(tmp_path):
+    (tmp_path / "pw").write_text("from-a-file-1\n")
+    run = _op(mail.set_password, "bob@lab.test", password_file=str(tmp_path / "pw"), answers=[
+        (r"-e 'SELECT 1'$", Result()), (r"^mysql ", Result(stdout="bob@lab.test\n"))])
+    sql = run.session("postfix02").stdins[-1][1]
+    assert "UPDATE mailbox SET password = '{BLF-CRYPT}" in sql and "'bob@lab.test'" in sql
+    hashed = re.search(r"'\{BLF-CRYPT\}([^']+)'", sql)[1]
+    assert bcrypt.checkpw(b"from-a-file-1", hashed.replace("$2y$", "$2b$", 1).encode())
+    assert mail.add_mailbox.positional == ["address"] and mail.set_password.positional == ["address"]
+    with pytest.raises(UserError, match="at least 8"):
+        (tmp_path / "short").write_text("short\n")
+        mail.set_password.body.runbook(recording(), "bob@lab.test", password_file=str(tmp_path / "short"))
+
+
+def test_add_alias_quotes_its_targets():
+    run = _op(mail.add_alias, "info@lab.test", "a@lab.test, b@example.org", answers=[
+        (r"-e 'SELECT 1'$", Result()),
+        (r"^mysql ", lambda cmd, stdin: Result(stdout="lab.test\n" if stdin.startswith("SELECT domain") else ""))])
+    sql = run.session("postfix02").stdins[-1][1]
+    assert "VALUES ('info@lab.test', 'a@lab.test,b@example.org', 'lab.test'" in sql
+
+
+def test_db_host_is_asked_once_per_run_and_host():
+    run = recording({"postfix01": [(r"-e 'SELECT 1'$", Result()), (r"^mysql ", Result(stdout="x\n"))]})
+    h = run.session("postfix01")
+    postfixadmin.query(h, "SELECT 1;")
+    postfixadmin.query(h, "SELECT 2;")
+    assert len([c for c in h.commands if c.endswith("-e 'SELECT 1'")]) == 1
+
+
+def test_commands_parse_back_to_their_words():
+    cmd = postfixadmin.client("10.0.0.1")
+    assert shlex.split(cmd) == ["mysql", f"--defaults-extra-file={mail.PFA_CLIENT_CNF}", "-h", "10.0.0.1",
+                                "--connect-timeout=5", "-NB", "postfix"]
