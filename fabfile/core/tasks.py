@@ -205,5 +205,7 @@ def runbook(*args, **kwargs):
 
 
 def _task_title(body) -> str:
-    module = body.__module__.rsplit(".", 1)[-1]
+    """tier.task-name: the tier is the module (or package) under fabfile/ the task lives in."""
+    parts = body.__module__.split(".")
+    module = parts[1] if parts[0] == "fabfile" and len(parts) > 1 else parts[-1]
     return f"{module}.{body.__name__.rstrip('_').replace('_', '-')}"

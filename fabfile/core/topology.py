@@ -80,7 +80,7 @@ VMAIL_USER = "vmail"
 VMAIL_UID = 5000  # the same on every back end: they share the mail store
 GALERA_CHECK_PORT = 9200  # the Galera-aware health check the DB proxy asks
 DB_PROXY_PORTS = {"haproxy": 3306, "proxysql": 6033}
-FENCE_LAB_PORT = 1229  # the lab's power listener (fabfile/lab/power.py)
+FENCE_LAB_PORT = 1229  # the lab's power listener (fabfile/lab/fence.py)
 FENCE_LAB_SECRET = "fence_lab_secret"
 
 
