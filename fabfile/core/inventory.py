@@ -161,6 +161,26 @@ class Inventory(_Model):
     def fqdn(self, host: str) -> str:
         return f"{host}.{self.site.domain}"
 
+    def select(self, spec: str | None) -> list[str]:
+        """The hosts an operator named with --hosts (comma-separated), in inventory
+        order; None: every host. An empty list, an empty name between commas or an
+        unknown host is a UserError naming it."""
+        if spec is None:
+            return list(self.hosts)
+        if not isinstance(spec, str):
+            raise UserError(f"--hosts must be comma-separated host names, not {spec!r}")
+        parts = [h.strip() for h in spec.split(",")]
+        if not any(parts):
+            raise UserError(f"--hosts {spec!r} names no host: give comma-separated inventory names "
+                            f"(known: {', '.join(self.hosts)}), or leave --hosts out for every host")
+        if not all(parts):
+            raise UserError(f"--hosts {spec!r} has an empty name between commas")
+        unknown = sorted(set(parts) - set(self.hosts))
+        if unknown:
+            raise UserError(f"{self.path}: --hosts names unknown host(s): {', '.join(unknown)} "
+                            f"(known: {', '.join(self.hosts)})")
+        return [h for h in self.hosts if h in parts]
+
     def non_management(self, host: str) -> dict[str, ipaddress.IPv4Address]:
         """A host's addresses on every network but the management one."""
         mgmt = self.management_network

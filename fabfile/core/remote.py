@@ -64,7 +64,7 @@ class Run:
                  secrets: Secrets | None = None, report: Report | None = None):
         self.inv = inv
         self.check = check
-        self.only = _parse_hosts(only, inv) if only is not None else None
+        self.only = set(inv.select(only)) if only is not None else None
         self.secrets = secrets if secrets is not None else Secrets(inv.site_file("secrets.yml"), persist=not check)
         self.report = report if report is not None else Report(title + (" (check mode)" if check else ""),
                                                                mask=self.secrets.mask)
@@ -527,20 +527,3 @@ def _diff(old: str, new: bytes, dest: str) -> str:
     return "".join(difflib.unified_diff(
         old.splitlines(keepends=True), new_text.splitlines(keepends=True), f"{dest} (on host)", f"{dest} (new)"
     ))
-
-
-def _parse_hosts(spec: str, inv: Inventory) -> set[str]:
-    if not isinstance(spec, str):
-        raise UserError(f"--hosts must be comma-separated host names, not {spec!r}")
-    parts = [h.strip() for h in spec.split(",")]
-    if not any(parts):
-        raise UserError(f"--hosts {spec!r} names no host: give comma-separated inventory names "
-                        f"(known: {', '.join(inv.hosts)}), or leave --hosts out for every host")
-    if not all(parts):
-        raise UserError(f"--hosts {spec!r} has an empty name between commas")
-    names = set(parts)
-    unknown = sorted(names - set(inv.hosts))
-    if unknown:
-        raise UserError(f"{inv.path}: --hosts names unknown host(s): {', '.join(unknown)} "
-                        f"(known: {', '.join(inv.hosts)})")
-    return names

@@ -131,25 +131,8 @@ class Plan:
     # --- the operator's choice of hosts -------------------------------------
 
     def select(self, hosts: str | None) -> list[str]:
-        """The hosts named by --hosts (comma-separated), in inventory order; None: every host.
-        An empty list, an empty name between commas or an unknown host is an error."""
-        if hosts is None:
-            return list(self.inv.hosts)
-        if not isinstance(hosts, str):
-            raise UserError(f"--hosts must be comma-separated host names, not {hosts!r}")
-        wanted = [h.strip() for h in hosts.split(",")]
-        if not any(wanted):
-            raise UserError(f"--hosts {hosts!r} names no host: give comma-separated inventory names "
-                            f"(known: {', '.join(self.inv.hosts)}), or leave --hosts out for every host")
-        if not all(wanted):
-            raise UserError(f"--hosts {hosts!r} has an empty name between commas")
-        unknown = [h for h in wanted if h not in self.inv.hosts]
-        if unknown:
-            raise UserError(
-                f"unknown host(s) {', '.join(unknown)} in --hosts; "
-                f"the inventory {self.inv.path} has: {', '.join(self.inv.hosts)}"
-            )
-        return [h for h in self.inv.hosts if h in wanted]
+        """The hosts named by --hosts, in inventory order (None: every host): `Inventory.select`."""
+        return self.inv.select(hosts)
 
     def host(self, host: str) -> str:
         """`host` if it is an inventory host; else an error naming it and the known ones."""

@@ -81,7 +81,7 @@ def test_timeout_must_be_a_positive_number(value):
     (["lab.up", "--timeout", "-1"], "--timeout must be a positive number of seconds, not '-1'"),
     (["lab.up", "--hosts", ""], "--hosts '' names no host"),
     (["lab.up", "--hosts", ","], "--hosts ',' names no host"),
-    (["lab.up", "--hosts", "e1server,nosuch"], "unknown host(s) nosuch in --hosts"),
+    (["lab.up", "--hosts", "e1server,nosuch"], "--hosts names unknown host(s): nosuch"),
     (["lab.power", "e1server", "sideways"], "action must be on, off or status, not 'sideways'"),
     (["lab.power", "nosuch", "status"], "unknown host nosuch"),
     (["lab.ssh", "nosuch", "-c", "true"], "unknown host nosuch"),
