@@ -8,7 +8,6 @@ the firewall template only formats what is compiled here.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Callable, Iterable, Union
 

@@ -160,3 +160,20 @@ class RecordingRun(Run):
     def all_commands(self) -> list[tuple[str, str]]:
         """(host, command) of every host, in host order."""
         return [(name, c) for name, s in self._sessions.items() for c in s.commands]
+
+
+def files_present(files: dict[str, tuple[str, str | None]]) -> Rule:
+    """A fact: the host holds these files (path -> ("owner:group:mode", text))
+    and directories (text None), as `HostSession.put`/`directory` read them;
+    every other path is absent."""
+    import hashlib
+    import shlex
+
+    def answer(cmd: str, stdin: str | None) -> Result:
+        path = shlex.split(cmd)[3]  # stat -c FORMAT PATH [&& sha256sum PATH]
+        if path not in files:
+            return Result(exited=1)
+        meta, text = files[path]
+        sums = f"{hashlib.sha256(text.encode()).hexdigest()}  {path}\n" if text is not None else ""
+        return Result(f"{meta}\n{sums}")
+    return r"^stat -c '%U:%G:%a' ", answer

@@ -11,7 +11,6 @@ process, so connections and local commands can be watched.
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from invoke import Program
 
 import tasks
 from fabfile.core import remote
+from tests.unit.test_inventory import _delete as delp
+from tests.unit.test_inventory import _set as setp
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB = yaml.safe_load((ROOT / "inventory/lab.yml").read_text())
@@ -31,26 +32,6 @@ def _inv(change=None) -> dict:
     if change:
         change(data)
     return data
-
-
-def setp(path: str, value):
-    def change(data):
-        node = data
-        *parents, last = path.split(".")
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    return change
-
-
-def delp(path: str):
-    def change(data):
-        node = data
-        *parents, last = path.split(".")
-        for key in parents:
-            node = node[key]
-        del node[last]
-    return change
 
 
 def rename_host(old: str, new: str):

@@ -6,12 +6,10 @@ on recording hosts (facts in, commands out; none when converged)."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.machinery
 import importlib.util
 import io
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -27,7 +25,7 @@ from fabfile.core import HostFailed, Result, UserError, templates, topology
 from fabfile.core.inventory import load
 from fabfile.core.secrets import Secrets
 from fabfile.core.tasks import PROJECT_ROOT
-from fabfile.core.testing import RecordingRun
+from fabfile.core.testing import RecordingRun, files_present
 from fabfile.lab import fence
 from tests.unit.shipped import INVENTORIES
 
@@ -331,11 +329,6 @@ def recording(answers=None, check=False):
     return run
 
 
-def in_place(path, text, meta):
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    return (rf"^stat -c '%U:%G:%a' {re.escape(path)} && sha256sum", Result(stdout=f"{meta}\n{digest}  {path}\n"))
-
-
 def test_fence_lab_conf_template():
     v = cluster.template_vars(LAB, "postfix01", SECRET)
     text = templates.render("cluster/etc/hastack/fence_lab.conf.j2", LAB, "postfix01", SECRET, **v)
@@ -352,9 +345,9 @@ def test_node_setup_already_converged_runs_no_command():
         (r"^dpkg-query -W -f='\$\{Package\}", lambda cmd, stdin: Result(
             stdout="".join(f"{p} installed\n" for p in shlex.split(cmd)[3:]))),
         (r"^python3 -W ignore -c 'import crypt", Result()),
-        in_place(cluster.FENCE_LAB, templates.static("cluster/usr/sbin/fence_lab"), "root:root:755"),
-        in_place(cluster.FENCE_LAB_CONF, conf, "root:root:600"),
-        (r"^stat -c '%U:%G:%a' /etc/hastack$", Result(stdout="root:root:755\n")), *RUNNING]})
+        files_present({cluster.FENCE_LAB: ("root:root:755", templates.static("cluster/usr/sbin/fence_lab")),
+                       cluster.FENCE_LAB_CONF: ("root:root:600", conf), "/etc/hastack": ("root:root:755", None)}),
+        *RUNNING]})
     cluster.node_setup(run.session("postfix01"))
     assert run.session("postfix01").changes == []
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import re
 import shlex
 import shutil
@@ -21,7 +20,7 @@ from fabfile.core import Result, flows, templates, topology
 from fabfile.core.inventory import load
 from fabfile.core.secrets import Secrets
 from fabfile.core.sql import mysql_native_hash
-from fabfile.core.testing import RecordingRun
+from fabfile.core.testing import RecordingRun, files_present
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB = load(ROOT / "inventory/lab.yml")  # haproxy
@@ -202,16 +201,11 @@ def recording(inv, answers):
     return run
 
 
-def in_place(path, text, meta):
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    return (rf"^stat -c '%U:%G:%a' {re.escape(path)} && sha256sum", Result(stdout=f"{meta}\n{digest}  {path}\n"))
-
-
 def test_haproxy_already_converged_runs_no_command():
     cfg = render("dbproxy/etc/haproxy/haproxy.cfg.j2", LAB, "postfix01", SECRET)
     run = recording(LAB, {"postfix01": [
         (r"^dpkg-query -W -f='\$\{Package\}", Result(stdout="haproxy installed\n")),
-        in_place(dbproxy.HAPROXY_CFG, cfg, "root:root:644"),
+        files_present({dbproxy.HAPROXY_CFG: ("root:root:644", cfg)}),
         (r"^systemctl is-enabled", Result(stdout="enabled\n")), (r"^systemctl is-active", Result())]})
     dbproxy.haproxy(run.session("postfix01"))
     assert run.session("postfix01").changes == []
@@ -232,9 +226,8 @@ def test_proxysql_changed_config_is_loaded_with_the_admin_password_on_stdin():
         (r"^dpkg-query -W -f='\$\{Package\}", lambda cmd, stdin: Result(
             stdout="".join(f"{p} installed\n" for p in shlex.split(cmd)[3:]))),
         (r"^test -s /etc/apt/keyrings/proxysql.asc$", Result()),
-        in_place("/etc/apt/sources.list.d/proxysql.list",
-                 render("dbproxy/etc/apt/sources.list.d/proxysql.list.j2", EXAMPLE, "postfix01", SECRET),
-                 "root:root:644"),
+        files_present({"/etc/apt/sources.list.d/proxysql.list": (
+            "root:root:644", render("dbproxy/etc/apt/sources.list.d/proxysql.list.j2", EXAMPLE, "postfix01", SECRET))}),
         (r"^systemctl is-enabled", Result(stdout="enabled\n")), (r"^systemctl is-active", Result())]})
     h = run.session("postfix01")
     dbproxy.proxysql(h)

@@ -6,7 +6,6 @@ out, user names with shell metacharacters quoted, passwords on stdin only."""
 from __future__ import annotations
 
 import getpass
-import hashlib
 import io
 import shlex
 import subprocess
@@ -20,7 +19,7 @@ from fabfile import ejabberd
 from fabfile.core import Result, UserError, prompt, templates, topology
 from fabfile.core.inventory import load
 from fabfile.core.sql import PSQL
-from fabfile.core.testing import RecordingRun
+from fabfile.core.testing import RecordingRun, files_present
 from tests.unit.shipped import INVENTORIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -337,17 +336,6 @@ def test_register_user_refuses_bad_input_before_any_connection(tmp_path):
 
 
 # --- the runbook on the recording host -------------------------------------------------------
-
-
-def files_present(files: dict[str, tuple[str, str]]):
-    """A fact: the host holds these files (path -> ("owner:group:mode", text)); every other path is absent."""
-    def answer(cmd, stdin):
-        path = shlex.split(cmd)[3]  # stat -c FORMAT PATH && sha256sum PATH
-        if path not in files:
-            return Result(exited=1)
-        meta, text = files[path]
-        return Result(f"{meta}\n{hashlib.sha256(text.encode()).hexdigest()}  {path}\n")
-    return r"^stat -c '%U:%G:%a' ", answer
 
 
 # what put() runs around an upload, and the checkers of the new files: they succeed

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -17,7 +16,7 @@ from fabfile.core import flows
 from fabfile.core import UserError, templates
 from fabfile.core.inventory import ROLES, load, parse
 from fabfile.core.remote import Result
-from fabfile.core.testing import RecordingRun
+from fabfile.core.testing import RecordingRun, files_present
 from tests.unit.shipped import INVENTORIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -380,15 +379,8 @@ def test_load_restores_atomically_when_the_live_table_differs(lab):
 
 
 def _converged_files(inv, host, files):
-    """Answers of a host where ``files`` (path -> content) are in place, root:root with their modes."""
-    import hashlib
-
-    def stat(cmd, stdin):
-        for path, (text, mode) in files.items():
-            if cmd.endswith(f"sha256sum {path}"):
-                return Result(stdout=f"root:root:{mode}\n{hashlib.sha256(text.encode()).hexdigest()}  {path}\n")
-        return Result(exited=1)
-    return (r"^stat -c '%U:%G:%a' \S+ && sha256sum", stat)
+    """Answers of a host where ``files`` (path -> content, mode) are in place, root:root."""
+    return files_present({path: (f"root:root:{mode}", text) for path, (text, mode) in files.items()})
 
 
 def test_apply_rules_on_a_converged_host_runs_no_command(lab):
@@ -396,8 +388,8 @@ def test_apply_rules_on_a_converged_host_runs_no_command(lab):
     v6 = templates.render(firewall.TEMPLATE_V6, lab, host, secret, **firewall.template_vars(lab, host, secret))
     text = v4(lab, host)
     rules = [
-        _converged_files(lab, host, {firewall.RULES_V4: (text, "640"), firewall.RULES_V6: (v6, "640")}),
-        (r"^stat -c '%U:%G:%a' /etc/iptables$", Result(stdout="root:root:755\n")),
+        files_present({firewall.RULES_V4: ("root:root:640", text), firewall.RULES_V6: ("root:root:640", v6),
+                       "/etc/iptables": ("root:root:755", None)}),
         (r"^iptables-save", Result(stdout=text)),
         (r"^ip6tables-save", Result(stdout=v6)),
         (r"^systemctl is-enabled", Result(stdout="enabled\n")),

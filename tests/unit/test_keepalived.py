@@ -4,9 +4,7 @@ with `keepalived -t` when the machine has keepalived."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 from fabfile import keepalived
 from fabfile.core import Result, templates
 from fabfile.core.inventory import load
-from fabfile.core.testing import RecordingRun
+from fabfile.core.testing import RecordingRun, files_present
 from tests.unit.shipped import INVENTORIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,19 +101,6 @@ def test_keepalived_accepts_the_config(lab, tmp_path):
 
 
 # --- the runbook on the recording host -------------------------------------------------------
-
-
-def files_present(files: dict[str, tuple[str, str | None]]):
-    """A fact: the host holds these files (path -> ("owner:group:mode", text)) and
-    directories (text None); every other path is absent."""
-    def answer(cmd, stdin):
-        path = shlex.split(cmd)[3]  # stat -c FORMAT PATH [&& sha256sum PATH]
-        if path not in files:
-            return Result(exited=1)
-        meta, text = files[path]
-        sums = f"{hashlib.sha256(text.encode()).hexdigest()}  {path}\n" if text is not None else ""
-        return Result(f"{meta}\n{sums}")
-    return r"^stat -c '%U:%G:%a' ", answer
 
 
 INTERFACE = (r"^ip -o -4 addr show to 10\.200\.1\.2/32$", Result("3: eth1    inet 10.200.1.2/24 brd 10.200.1.255\n"))

@@ -6,7 +6,6 @@ and the runbook and ops on recording hosts: facts in, commands out."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shlex
 from pathlib import Path
@@ -20,8 +19,8 @@ from fabfile.core.errors import UserError
 from fabfile.core.inventory import load
 from fabfile.core.secrets import Secrets
 from fabfile.core.sql import my_literal
-from fabfile.core.testing import RecordingRun
-from fabfile.mail import addresses, ops, postfixadmin
+from fabfile.core.testing import RecordingRun, files_present
+from fabfile.mail import postfixadmin
 from tests.unit.shipped import INVENTORIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -283,12 +282,7 @@ DB = postfixadmin.client(topology.db_proxy_addresses(LAB, "postfix01")[0])
 
 def files_in_place(files: dict[str, tuple[str, str]]):
     """A rule: ``files`` (path -> (content, 'owner:group:mode')) are on the host as wanted."""
-    def stat(cmd, stdin):
-        for path, (text, meta) in files.items():
-            if cmd.endswith(f"sha256sum {path}"):
-                return Result(stdout=f"{meta}\n{hashlib.sha256(text.encode()).hexdigest()}  {path}\n")
-        return Result(exited=1)
-    return (r"^stat -c '%U:%G:%a' \S+ && sha256sum", stat)
+    return files_present({path: (meta, text) for path, (text, meta) in files.items()})
 
 
 # what `put` runs around an upload (and the checkers of the new files): they succeed

@@ -341,7 +341,7 @@ class Shell:
         return Result("".join(out), "", 0)
 
 
-class FakeHost:
+class SimulatedHost:
     """The recording host of the core's test support over the simulated shell,
     with the old test names: files, commands (changing ones), changes (reported)."""
 
@@ -386,12 +386,12 @@ class FakeHost:
         return self.h.read(cmd)
 
 
-def _cert_on(host: FakeHost) -> x509.Certificate:
+def _cert_on(host: SimulatedHost) -> x509.Certificate:
     return x509.load_pem_x509_certificate(host.files[pki.cert_path(host.name)][0].encode())
 
 
 def test_trust_installs_the_ca_once(inv, ca):
-    h = FakeHost(inv, "gw1server")
+    h = SimulatedHost(inv, "gw1server")
     pki._trust(h.h, ca)
     assert h.files[pki.CA_FILE] == [ca.cert_pem, "root:root:644"]
     assert h.files[pki.TRUST_FILE] == [ca.cert_pem, "root:root:644"]
@@ -407,14 +407,14 @@ def test_trust_installs_the_ca_once(inv, ca):
 
 
 def test_trust_in_check_mode_changes_nothing(inv, ca):
-    h = FakeHost(inv, "gw1server", check=True)
+    h = SimulatedHost(inv, "gw1server", check=True)
     pki._trust(h.h, ca)
     assert h.commands == [] and pki.CA_FILE not in h.files and not h.trusted
     assert "would run: update-ca-certificates" in h.changes
 
 
 def test_fresh_host_gets_a_key_made_on_it_and_a_certificate(inv, ca):
-    h = FakeHost(inv, "postfix02")
+    h = SimulatedHost(inv, "postfix02")
     pki._host_cert(h.h, ca)
     key, crt = pki.key_path("postfix02"), pki.cert_path("postfix02")
     assert h.files[key][1] == "root:ssl-cert:640"
@@ -428,7 +428,7 @@ def test_fresh_host_gets_a_key_made_on_it_and_a_certificate(inv, ca):
 
 
 def test_converged_host_is_left_alone(inv, ca):
-    h = FakeHost(inv, "e1server")
+    h = SimulatedHost(inv, "e1server")
     pki._host_cert(h.h, ca)
     before = {k: list(v) for k, v in h.files.items()}
     h.reset()
@@ -439,7 +439,7 @@ def test_converged_host_is_left_alone(inv, ca):
 
 
 def test_check_mode_says_what_would_be_issued_and_changes_nothing(inv, ca):
-    h = FakeHost(inv, "ngx01", check=True)
+    h = SimulatedHost(inv, "ngx01", check=True)
     pki._host_cert(h.h, ca)
     assert h.files == {} and h.commands == []
     assert h.changes == [
@@ -448,7 +448,7 @@ def test_check_mode_says_what_would_be_issued_and_changes_nothing(inv, ca):
 
 
 def test_expiring_certificate_is_reissued_for_the_same_key(inv, ca):
-    h = FakeHost(inv, "ngx02")
+    h = SimulatedHost(inv, "ngx02")
     pki._host_cert(h.h, ca)
     key = pki.key_path("ngx02")
     key_before = h.files[key][0]
@@ -465,7 +465,7 @@ def test_expiring_certificate_is_reissued_for_the_same_key(inv, ca):
 
 
 def test_key_mode_drift_is_repaired_without_reissuing(inv, ca):
-    h = FakeHost(inv, "pxc1")
+    h = SimulatedHost(inv, "pxc1")
     pki._host_cert(h.h, ca)
     serial = _cert_on(h).serial_number
     h.files[pki.key_path("pxc1")][1] = "root:root:644"
@@ -477,7 +477,7 @@ def test_key_mode_drift_is_repaired_without_reissuing(inv, ca):
 
 
 def test_renew_reissues_a_valid_certificate_and_keeps_the_key(inv, ca):
-    h = FakeHost(inv, "pxc2")
+    h = SimulatedHost(inv, "pxc2")
     pki._host_cert(h.h, ca)
     key_before, serial = h.files[pki.key_path("pxc2")][0], _cert_on(h).serial_number
     pki._host_cert(h.h, ca, renew=True)
@@ -486,7 +486,7 @@ def test_renew_reissues_a_valid_certificate_and_keeps_the_key(inv, ca):
 
 
 def test_verify_lists_coverage_and_fails_on_an_uncovered_name(inv, ca):
-    h = FakeHost(inv, "postfix03")
+    h = SimulatedHost(inv, "postfix03")
     pki._host_cert(h.h, ca)
     h.reset()
     pki._verify(h.h, ca)
@@ -506,7 +506,7 @@ def test_verify_lists_coverage_and_fails_on_an_uncovered_name(inv, ca):
 
 def test_verify_fails_without_a_certificate(inv, ca):
     with pytest.raises(HostFailed, match=r"/etc/ssl/hastack/pxc3.crt: no certificate; it covers none of: pxc3, "):
-        pki._verify(FakeHost(inv, "pxc3").h, ca)
+        pki._verify(SimulatedHost(inv, "pxc3").h, ca)
 
 
 # --- export-ca and wiring ------------------------------------------------------------

@@ -17,7 +17,7 @@ from fabfile import postgres
 from fabfile.core import Result, UserError, templates, topology
 from fabfile.core.inventory import load
 from fabfile.core.sql import PSQL, psql_c
-from fabfile.core.testing import RecordingRun
+from fabfile.core.testing import RecordingRun, files_present
 from tests.unit.shipped import INVENTORIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,19 +148,6 @@ def test_hba_rows_for_a_host_outside_the_xmpp_service_still_render(lab):
 
 
 # --- the runbook on the recording host -------------------------------------------------------
-
-
-def files_present(files: dict[str, tuple[str, str | None]]):
-    """A fact: the host holds these files (path -> ("owner:group:mode", text)) and
-    directories (text None); every other path is absent."""
-    def answer(cmd, stdin):
-        path = shlex.split(cmd)[3]  # stat -c FORMAT PATH [&& sha256sum PATH]
-        if path not in files:
-            return Result(exited=1)
-        meta, text = files[path]
-        sums = f"{hashlib.sha256(text.encode()).hexdigest()}  {path}\n" if text is not None else ""
-        return Result(f"{meta}\n{sums}")
-    return r"^stat -c '%U:%G:%a' ", answer
 
 
 def sql(answers: dict[str, str]):
