@@ -302,23 +302,37 @@ def plan_changes(tree: Tree, actual: Actual, props: dict[str, dict[str, str]], n
 # --- the runbook -------------------------------------------------------------
 
 
+def preflight(run: Run) -> list[str]:
+    """What must hold before any host is touched (deploy.all asks every tier
+    first): all the nodes or none selected, the fence agent's credentials in the
+    secrets. Returns the selected nodes."""
+    inv = run.inv
+    if inv.mail is None:
+        return []
+    members = topology.cluster_nodes(inv)
+    if len(members) < 2:
+        raise UserError(f"{inv.path}: a cluster needs at least two hosts with role {ROLE}")
+    hosts = [h for h in members if h in run.hosts()]
+    if hosts and hosts != members:
+        raise UserError("cluster: the cluster tier works on all its nodes at once; do not narrow it with --hosts "
+                        f"(nodes: {', '.join(members)})")
+    if hosts:
+        desired_tree(inv, run.secrets.require)  # missing fence credentials: named, nothing touched
+    return hosts
+
+
 def converge(run: Run) -> None:
     inv = run.inv
     if inv.mail is None:
         run.report.note("cluster: the inventory has no mail cluster, skipped")
         return
-    members = topology.cluster_nodes(inv)
-    if len(members) < 2:
-        raise UserError(f"{inv.path}: a cluster needs at least two hosts with role {ROLE}")
-    hosts = [h for h in members if h in run.hosts()]
+    hosts = preflight(run)
     if not hosts:
         run.report.note("cluster: no cluster node selected (--hosts), skipped")
         return
-    if hosts != members:
-        raise UserError("cluster: the cluster tier works on all its nodes at once; do not narrow it with --hosts "
-                        f"(nodes: {', '.join(members)})")
+    members = hosts
+    tree = desired_tree(inv, run.secrets.require)
     run.secrets.get(SECRET_HACLUSTER, lambda: token(32))
-    tree = desired_tree(inv, run.secrets.require)  # fails early on missing fence credentials
     first = members[0]
     run.step("cluster: packages, hacluster, pcsd, fence agent", hosts, node_setup)
     state: dict[str, dict] = {}

@@ -19,6 +19,12 @@ MAIL = [pxc, dbproxy, mail, drbd, cluster]  # galera -> database proxy -> mail s
 
 
 def _converge(run, tiers) -> None:
+    # What every tier must find true is checked before the first one touches a
+    # host (a firewall table that would lock SSH out, a missing fence secret,
+    # --hosts naming part of a cluster): a refused deploy changed nothing.
+    for tier in tiers:
+        if hasattr(tier, "preflight"):
+            tier.preflight(run)
     for tier in tiers:
         tier.converge(run)
 
@@ -26,11 +32,8 @@ def _converge(run, tiers) -> None:
 @runbook(default=True)
 def all(run):
     """Deploy everything in the inventory, tier by tier (base first)."""
-    _converge(run, COMMON)
-    if run.inv.xmpp is not None:
-        _converge(run, XMPP)
-    if run.inv.mail is not None:
-        _converge(run, MAIL)
+    tiers = COMMON + (XMPP if run.inv.xmpp is not None else []) + (MAIL if run.inv.mail is not None else [])
+    _converge(run, tiers)
 
 
 @runbook

@@ -83,6 +83,12 @@ def initial_sync_wanted(created: dict[str, bool], dstates: dict[str, str]) -> bo
         s and "UpToDate" not in s for s in dstates.values())
 
 
+def preflight(run: Run) -> None:
+    """Checked before any host is touched (deploy.all asks every tier first)."""
+    if run.inv.mail is not None and run.inv.mail.storage == "drbd":
+        check(run.inv)
+
+
 def converge(run: Run) -> None:
     inv = run.inv
     if inv.mail is None or inv.mail.storage != "drbd":

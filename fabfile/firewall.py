@@ -210,8 +210,9 @@ def _parse(line: str) -> _Parsed | None:
 # --- the steps -------------------------------------------------------------------
 
 
-def preflight(run: Run, hosts: list[str]) -> None:
+def preflight(run: Run, hosts: list[str] | None = None) -> None:
     """Render and check every host's rules before any host is touched."""
+    hosts = run.hosts() if hosts is None else hosts
     problems = []
     for host in hosts:
         try:

@@ -157,6 +157,12 @@ def converge(run: Run) -> None:
             run.step(f"pxc: {name} leaves bootstrap mode", [name], lambda h: _leave_bootstrap(h, flav))
 
 
+def preflight(run: Run) -> None:
+    """Checked before any host is touched (deploy.all asks every tier first)."""
+    if run.inv.mail is not None and galera_nodes(run.inv):
+        _guard_inventory(run)
+
+
 def _guard_inventory(run: Run) -> list[str]:
     if run.inv.mail is None:
         raise UserError(f"{run.inv.path}: no 'mail' section: the inventory has no Galera cluster")

@@ -176,6 +176,12 @@ C += [
     Case("no CA for export-ca", ["pki.export-ca"], ["no CA yet"], inventory=_inv()),
     Case("fence credentials missing", ["cluster.deploy", "--check"], ["site.secrets.yml", "missing secret 'fence_virsh_"],
          inventory=_inv(setp("mail.fence_agent", "fence_virsh"))),
+    Case("fence credentials missing for deploy.all", ["deploy.all"], ["site.secrets.yml", "missing secret 'fence_virsh_"],
+         inventory=_inv(setp("mail.fence_agent", "fence_virsh"))),
+    Case("deploy.all --hosts part of the Galera cluster", ["deploy.all", "--hosts", "pxc1,e1server"],
+         ["--hosts must name all of pxc1, pxc2, pxc3"], inventory=_inv()),
+    Case("DRBD 8.4 with three back ends", ["deploy.all"], ["DRBD 8.4", "two nodes"],
+         inventory=_inv(lambda d: (d["mail"].__setitem__("storage", "drbd"), d["mail"].__setitem__("drbd_version", 8)))),
 ]
 
 # --- invoke configs -----------------------------------------------------------------------
