@@ -38,12 +38,22 @@ VALID = {
 NODE = {"cluster.standby": "postfix01", "cluster.unstandby": "postfix01", "pxc.bootstrap": None,
         "postgres.replica": "psql2server"}
 
+def _postfixadmin(cmd, stdin):
+    """The Postfixadmin database through the proxy: domain lab.test exists, no mailbox or alias yet."""
+    if stdin and stdin.startswith("SELECT domain FROM domain"):
+        return Result(stdout="lab.test\n")
+    if stdin and stdin.startswith("SELECT"):
+        return Result(stdout="")
+    return Result()
+
+
 # A healthy site as far as the ops tasks ask: answers by command.
 HEALTHY = [
     (r"^ejabberdctl status", Result(stdout="The node ejabberd@e1server is started\n")),
     (r"^ejabberdctl check_account", Result(exited=1)),  # not registered yet: register goes ahead
     (r"ip -o -4 addr show", Result(stdout="inet 10.200.11.110/24\n")),
     (r"^mysql .* -e 'SELECT 1'", Result(stdout="1\n")),
+    (r"^mysql --defaults-extra-file=/etc/postfixadmin/hastack-client.cnf .* postfix$", _postfixadmin),
     (r"^crm_mon -1", Result(stdout="<crm_mon><nodes><node name=\"postfix01\" online=\"true\" standby=\"false\" "
                                    "type=\"member\"/><node name=\"postfix02\" online=\"true\" standby=\"false\" "
                                    "type=\"member\"/></nodes></crm_mon>\n")),
@@ -110,6 +120,13 @@ def test_values_reach_commands_only_quoted(name, arg, meta):
         if not any(MARK in c for _, c in run.all_commands()):
             assert str(exc)
             return
+    else:
+        carried = [c for _, c in run.all_commands() if MARK in c]
+        if arg == "password":  # never on a command line, on stdin (or only its hash)
+            assert not carried, f"{name}: the password is on a command line"
+        elif not carried:  # accepted and not on any command line: it went as data on stdin
+            stdins = [i for h in run._sessions.values() for _, i in h.stdins]
+            assert any(MARK in i for i in stdins), f"{name} --{arg}: accepted {value!r} but it went nowhere"
     carried = [c for _, c in run.all_commands() if MARK in c]
     for cmd in carried:
         words = shlex.split(cmd)  # parses: no unbalanced quote
