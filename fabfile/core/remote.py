@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 
 import paramiko
 from fabric import Connection
+from fabric.runners import Remote
 from invoke.exceptions import UnexpectedExit
 from patchwork import files
 
@@ -39,6 +40,18 @@ APT_UPDATE = "for try in 1 2 3; do timeout 120 apt-get update -q && break; [ $tr
 # service starts (invoke-rc.d asks this file; 101 = action forbidden).
 POLICY_RC = "/usr/sbin/policy-rc.d"
 POLICY_RC_TEXT = "#!/bin/sh\n# hastack: no service starts while packages install\nexit 101\n"
+
+
+class _BulkStdinRemote(Remote):
+    """Fabric's remote runner, except that standard input given as a string goes
+    to the channel in one write (then EOF). invoke reads a stream that is not a
+    terminal one byte at a time with a 10 ms nap between bytes: 300 bytes of SQL
+    took 3 s."""
+
+    def read_our_stdin(self, input_):
+        if isinstance(input_, io.StringIO):
+            return input_.read()
+        return super().read_our_stdin(input_)
 
 
 class HostFailed(Exception):
@@ -227,6 +240,7 @@ class HostSession:
             connect_timeout=ssh.connect_timeout,
             connect_kwargs={"key_filename": str(key), "look_for_keys": False, "allow_agent": False},
         )
+        conn.config.runners.remote = _BulkStdinRemote
         # Host keys are checked against the inventory's own known_hosts only:
         # an unknown or changed key is an error, never silently accepted.
         conn.client = paramiko.SSHClient()

@@ -2,6 +2,7 @@
 steps, upload only when changed, validator before replace, check mode, and
 clean refusals for unreachable hosts and unknown host keys."""
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -148,3 +149,16 @@ def test_changed_host_key_is_refused(lab, tmp_path):
         new_run(inv, only="e1server").connect(["e1server"])
     with pytest.raises(UserError, match=r"e2server \(10.200.0.11:22\): host key is not in"):
         new_run(inv, only="e2server").connect(["e2server"])
+
+
+def test_standard_input_arrives_whole_and_ends(lab, clean):
+    """Input on stdin (SQL, passwords, debconf answers) reaches the command as
+    written, in one go, and is closed so that the command ends."""
+    text = "".join(f"line {i}: {'x' * 60} ';$(id)`id`\n" for i in range(200))  # 15 kB
+    run = new_run(lab.inventory, only="e1server")
+    got = {}
+    started = time.monotonic()
+    run.step("stdin", ["e1server"], lambda h: got.update(r=h.sh(f"cat > {PATH} && sha256sum {PATH}", stdin=text)))
+    print(f"\n{len(text)} bytes on stdin over SSH: {time.monotonic() - started:.2f} s")
+    assert got["r"].stdout.split()[0] == hashlib.sha256(text.encode()).hexdigest()
+    assert cat(lab, "e1server") == text
