@@ -2,7 +2,9 @@
 
 Order: the tiers every host gets (base -> firewall -> gateway -> pki), then the
 XMPP service and the mail cluster, each only when the inventory describes it.
-Each tier module has `converge(run)`; a new tier adds itself to one list here.
+The two systems run side by side when no host belongs to both (each still in
+its own order); a failure in one stops the other before its next step. Each
+tier module has `converge(run)`; a new tier adds itself to one list here.
 """
 
 from invoke import Collection
@@ -11,29 +13,55 @@ from . import base, firewall, gateway, pki
 from . import ejabberd, keepalived, postgres
 from . import dbproxy, mail, pxc
 from . import cluster, drbd
-from .core import runbook
+from .core import runbook, topology
 
 COMMON = [base, firewall, gateway, pki]  # the gateway forwards once its FORWARD chain is in place
 XMPP = [postgres, ejabberd, keepalived]
 MAIL = [pxc, dbproxy, mail, drbd, cluster]  # galera -> database proxy -> mail services (vmail uid first) -> storage and cluster
+XMPP_ROLES = (topology.EJABBERD, topology.PG_PRIMARY, topology.PG_REPLICA)
+MAIL_ROLES = (topology.GALERA, topology.MAIL_BACKEND, topology.WEBMAIL)
 
 
-def _converge(run, tiers) -> None:
+def _preflight(run, tiers) -> None:
     # What every tier must find true is checked before the first one touches a
     # host (a firewall table that would lock SSH out, a missing fence secret,
     # --hosts naming part of a cluster): a refused deploy changed nothing.
     for tier in tiers:
         if hasattr(tier, "preflight"):
             tier.preflight(run)
+
+
+def _converge(run, tiers) -> None:
+    _preflight(run, tiers)
     for tier in tiers:
         tier.converge(run)
 
 
+def _chain(run, tiers):
+    def converge() -> None:
+        for tier in tiers:
+            tier.converge(run)
+    return converge
+
+
 @runbook(default=True)
 def all(run):
-    """Deploy everything in the inventory, tier by tier (base first)."""
-    tiers = COMMON + (XMPP if run.inv.xmpp is not None else []) + (MAIL if run.inv.mail is not None else [])
-    _converge(run, tiers)
+    """Deploy everything in the inventory: the common tiers, then both systems side by side."""
+    systems = {}
+    if run.inv.xmpp is not None:
+        systems["xmpp"] = XMPP
+    if run.inv.mail is not None:
+        systems["mail"] = MAIL
+    _preflight(run, COMMON + [t for tiers in systems.values() for t in tiers])
+    for tier in COMMON:
+        tier.converge(run)
+    shared = set(run.inv.with_role(*XMPP_ROLES)) & set(run.inv.with_role(*MAIL_ROLES))
+    if shared:  # a host in both systems: one after the other
+        run.report.note(f"deploy: {', '.join(sorted(shared))} belong to both systems; they deploy one after the other")
+        for tiers in systems.values():
+            _chain(run, tiers)()
+    else:
+        run.side_by_side({name: _chain(run, tiers) for name, tiers in systems.items()})
 
 
 @runbook

@@ -8,6 +8,7 @@ Probes always run (they read); actions are skipped and shown in check mode.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import io
@@ -84,6 +85,9 @@ class Run:
         self._sessions: dict[str, HostSession] = {}
         self._memo: dict[Any, Any] = {}
         self._memo_lock = threading.Lock()
+        self._sessions_lock = threading.Lock()
+        self._chains = 0  # chains of steps running side by side (no spinner then)
+        self._stopped = threading.Event()  # a chain failed: the others stop before their next step
 
     # --- host selection -----------------------------------------------------
 
@@ -145,9 +149,10 @@ class Run:
     # --- connections --------------------------------------------------------
 
     def session(self, host: str) -> HostSession:
-        if host not in self._sessions:
-            self._sessions[host] = HostSession(self, host)
-        return self._sessions[host]
+        with self._sessions_lock:
+            if host not in self._sessions:
+                self._sessions[host] = HostSession(self, host)
+            return self._sessions[host]
 
     def connect(self, hosts: Iterable[str]) -> None:
         """Open every connection first, so an unreachable host stops the run
@@ -174,6 +179,8 @@ class Run:
 
     def step(self, title: str, hosts: list[str], action: Callable[[HostSession], None]) -> None:
         """Run ``action`` on every host at once; raise StepFailed if any failed."""
+        if self._stopped.is_set():
+            raise StepFailed(f"step '{title}' not run: a step beside it failed")
         if not hosts:
             self.report.note(f"{title}: no hosts selected, skipped")
             return
@@ -191,11 +198,40 @@ class Run:
                 self.report.result(host, "failed", str(exc))
                 failures.append(f"{host}: {exc}")
 
-        with self.report.console.status(f"{title}…"):
+        spinner = self.report.console.status(f"{title}…") if not self._chains else contextlib.nullcontext()
+        with spinner:
             with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
                 list(pool.map(one, hosts))
         if failures:
             raise StepFailed(f"step '{title}' failed; later steps did not run:\n  " + "\n  ".join(failures))
+
+    def side_by_side(self, chains: dict[str, Callable[[], None]]) -> None:
+        """Run independent chains of steps (tiers on disjoint hosts) at the same
+        time, each still in its own order. A failure in one stops the others
+        before their next step; then the failure (every one, if several) is raised."""
+        if len(chains) <= 1:
+            for chain in chains.values():
+                chain()
+            return
+        failures: list[str] = []
+
+        def one(item: tuple[str, Callable[[], None]]) -> None:
+            name, chain = item
+            try:
+                chain()
+            except UserError as exc:
+                if not self._stopped.is_set() or "a step beside it failed" not in str(exc):
+                    failures.append(f"{name}: {exc}")
+                self._stopped.set()
+
+        self._chains = len(chains)
+        try:
+            with ThreadPoolExecutor(max_workers=len(chains)) as pool:
+                list(pool.map(one, chains.items()))
+        finally:
+            self._chains = 0
+        if failures:
+            raise StepFailed("\n".join(failures))
 
 
 class HostSession:
