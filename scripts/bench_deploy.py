@@ -2,17 +2,23 @@
 """Measure `inv deploy.all` on the lab and print the figures.
 
     sudo .venv/bin/python scripts/bench_deploy.py              # fresh disks: first deploy, then a re-run
+    sudo .venv/bin/python scripts/bench_deploy.py --floor      # ... and the package-install floor
     sudo .venv/bin/python scripts/bench_deploy.py --keep-disks # converge whatever the hosts have, then re-run
 
 Figures: wall time of the first deploy onto fresh hosts (packages come from
 the lab's apt-cacher-ng, so a warm package cache is part of the figure), of a
 second deploy (which must change nothing) and of a dry run (--check). Each line
-also gives the run's own recap counts. Leaves the lab down unless --leave-up.
+also gives the run's own recap counts. With --floor, each host's final package
+set (`apt-mark showmanual` after the deploy) is then installed onto fresh hosts
+again with one parallel `apt-get install` per host: the part of a deploy no
+tool can skip; the first deploy's ratio to it is printed. Leaves the lab down
+unless --leave-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import io
 import os
@@ -43,11 +49,45 @@ def deploy(inventory: Path, *args: str) -> tuple[float, str]:
     return seconds, "%s ok, %s changed, %s failed on %s hosts" % m[-1] if m else "no recap"
 
 
+def package_sets(inv) -> dict[str, list[str]]:
+    """Each host's manually installed packages (what the deploy asked for, with the root's own)."""
+    def one(host):
+        out = subprocess.run([*lab.ssh_command(inv, host, batch=True), "apt-mark showmanual"],
+                             capture_output=True, text=True, timeout=120)
+        return host, out.stdout.split()
+    with concurrent.futures.ThreadPoolExecutor(len(inv.hosts)) as pool:
+        return dict(pool.map(one, inv.hosts))
+
+
+def floor(inv, sets: dict[str, list[str]]) -> float:
+    """Fresh hosts, then every host's package set at once (one apt-get install per host, in parallel)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        lab.lab_down(inv, disks=True)
+        lab.lab_up(inv)
+    install = "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
+
+    def one(host):
+        cmd = [*lab.ssh_command(inv, host, batch=True), install + " ".join(sets[host])]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if out.returncode != 0:  # the lists may need an update first, as the tiers do
+            out = subprocess.run([*lab.ssh_command(inv, host, batch=True), "apt-get update -q && " + install
+                                  + " ".join(sets[host])], capture_output=True, text=True, timeout=3600)
+        return out.returncode
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(len(inv.hosts)) as pool:
+        codes = list(pool.map(one, inv.hosts))
+    seconds = time.monotonic() - start
+    if any(codes):
+        sys.exit(f"the floor's apt-get install failed on {sum(1 for c in codes if c)} hosts")
+    return seconds
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inventory", default=str(PROJECT_ROOT / DEFAULT_INVENTORY))
     ap.add_argument("--keep-disks", action="store_true", help="do not start from fresh host disks")
     ap.add_argument("--leave-up", action="store_true", help="leave the lab running at the end")
+    ap.add_argument("--floor", action="store_true", help="also measure the package-install floor (fresh hosts)")
     args = ap.parse_args()
 
     lab.require_root("scripts/bench_deploy.py")
@@ -64,6 +104,11 @@ def main() -> int:
     figures.append(("dry run (--check)", deploy(inventory, "--check")))
     for label, (seconds, counts) in figures:
         print(f"{label:<24} {seconds:7.1f} s   {counts}")
+    if args.floor:
+        sets = package_sets(inv)
+        seconds = floor(inv, sets)
+        print(f"{'package floor':<24} {seconds:7.1f} s   {sum(map(len, sets.values()))} packages on {len(sets)} hosts"
+              f"; first deploy = {figures[0][1][0] / seconds:.2f}x the floor")
 
     if not args.leave_up:
         with contextlib.redirect_stdout(io.StringIO()):
