@@ -5,9 +5,16 @@ site's proxy, the common packages, time zone and time sync, and the sysctl each
 role needs (forwarding on the gateway, non-local bind on VIP holders).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from invoke import Collection
 
-from .core import HostSession, Run, q, runbook
+from .core import q, runbook
+
+if TYPE_CHECKING:
+    from .core import HostSession, Run
 
 PACKAGES = [
     "ca-certificates", "curl", "gnupg", "iproute2", "iptables", "netcat-openbsd",

@@ -42,13 +42,17 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from invoke import Collection
 
-from .core import HostFailed, HostSession, Run, UserError, join, q, runbook, templates, topology
-from .core.inventory import Inventory
+from .core import HostFailed, UserError, join, q, runbook, templates, topology
 from .core.secrets import token
 from .core.wait import poll
+
+if TYPE_CHECKING:
+    from .core import HostSession, Run
+    from .core.inventory import Inventory
 
 ROLE = topology.MAIL_BACKEND
 SECRET_HACLUSTER = "hacluster_password"

@@ -19,11 +19,16 @@ serves before and after Pacemaker moves the VIP.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from invoke import Collection
 
-from .core import HostSession, Run, UserError, runbook, topology
-from .core.inventory import Inventory
+from .core import UserError, runbook, topology
 from .core.sql import mysql_e, mysql_native_hash
+
+if TYPE_CHECKING:
+    from .core import HostSession, Run
+    from .core.inventory import Inventory
 
 HAPROXY_CFG = "/etc/haproxy/haproxy.cfg"
 PROXYSQL_CFG = "/etc/proxysql.cnf"

@@ -21,10 +21,15 @@ Runbook:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from invoke import Collection
 
-from .core import HostFailed, HostSession, Run, UserError, q, runbook, topology
-from .core.inventory import Inventory
+from .core import HostFailed, UserError, q, runbook, topology
+
+if TYPE_CHECKING:
+    from .core import HostSession, Run
+    from .core.inventory import Inventory
 
 ROLE = topology.MAIL_BACKEND
 RESOURCE = topology.DRBD_RESOURCE  # the cluster tier's DrbdData manages it by this name

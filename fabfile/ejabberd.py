@@ -30,14 +30,18 @@ reach ejabberdctl on standard input only.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import yaml
 from invoke import Collection
 
-from .core import HostFailed, HostSession, Run, UserError, join, prompt, q, runbook, topology
-from .core.inventory import Inventory
+from .core import HostFailed, UserError, join, prompt, q, runbook, topology
 from .core.sql import pg_ident, psql, psql_c
 from .core.templates import HEADER_MARK
+
+if TYPE_CHECKING:
+    from .core import HostSession, Run
+    from .core.inventory import Inventory
 
 ROLE = topology.EJABBERD
 PACKAGES = ["ejabberd", "erlang-p1-pgsql", "postgresql-client", "ssl-cert"]

@@ -29,11 +29,15 @@ import ipaddress
 import re
 import shlex
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from invoke import Collection
 
-from .core import HostSession, Run, UserError, flows, q, runbook, templates
-from .core.inventory import Inventory
+from .core import UserError, flows, q, runbook, templates
+
+if TYPE_CHECKING:
+    from .core import HostSession, Run
+    from .core.inventory import Inventory
 
 RULES_V4 = "/etc/iptables/rules.v4"
 RULES_V6 = "/etc/iptables/rules.v6"

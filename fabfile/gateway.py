@@ -19,11 +19,16 @@ on); nothing about "DMZ" or "internal" is hard-coded.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from invoke import Collection
 
-from .core import HostSession, Run, q, runbook
+from .core import q, runbook
 from .core.flows import gateways, routes
-from .core.inventory import Inventory
+
+if TYPE_CHECKING:
+    from .core import HostSession, Run
+    from .core.inventory import Inventory
 
 UNIT = "hastack-routes.service"
 UNIT_TEMPLATE = "gateway/etc/systemd/system/hastack-routes.service.j2"

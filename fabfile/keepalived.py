@@ -18,11 +18,16 @@ Runbook (the ejabberd hosts):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from invoke import Collection
 
-from .core import HostFailed, HostSession, Run, q, runbook, topology
-from .core.inventory import Inventory
+from .core import HostFailed, q, runbook, topology
 from .core.secrets import token
+
+if TYPE_CHECKING:
+    from .core import HostSession, Run
+    from .core.inventory import Inventory
 
 ROLE = topology.EJABBERD
 VIP_NAME = "xmpp"

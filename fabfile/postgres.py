@@ -31,12 +31,16 @@ import hashlib
 import hmac
 import os
 import re
+from typing import TYPE_CHECKING
 
 from invoke import Collection
 
-from .core import HostFailed, HostSession, Run, UserError, q, runbook, topology
-from .core.inventory import Inventory
+from .core import HostFailed, UserError, q, runbook, topology
 from .core.sql import pg_ident, pg_literal, psql, psql_c
+
+if TYPE_CHECKING:
+    from .core import HostSession, Run
+    from .core.inventory import Inventory
 
 VERSION = topology.PG_VERSION
 CLUSTER = "main"

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class StepFailed(UserError):
     """A step failed on one or more hosts; the steps that depend on it did not run."""
+
+
+class HostFailed(Exception):
+    """One action failed on one host; the message names the command, status and stderr."""

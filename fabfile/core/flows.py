@@ -9,10 +9,12 @@ the firewall template only formats what is compiled here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Union
 
-from .inventory import Inventory
 from . import topology
+
+if TYPE_CHECKING:
+    from .inventory import Inventory
 
 # --- the rule table --------------------------------------------------------------
 #
@@ -23,7 +25,7 @@ ANYONE = "anyone"  # no source restriction (public service ports)
 MGMT = "management network"  # the inventory's management CIDR
 LOCAL_NETS = "local networks"  # every non-management network the target host is on
 
-Ports = Union[str, Callable[[Inventory], str]]
+Ports = Union[str, Callable[["Inventory"], str]]
 
 
 @dataclass(frozen=True)

@@ -13,30 +13,34 @@ import difflib
 import hashlib
 import io
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import paramiko
+import six
 from fabric import Connection
 from fabric.runners import Remote
 from invoke.exceptions import UnexpectedExit
-from patchwork import files
 
-from . import templates
-from .errors import StepFailed, UserError
-from .inventory import Inventory
-from .report import Report
-from .secrets import Secrets
-from .shell import q, retry_loop
+# patchwork 1.0.1 imports invoke.vendor.six, which invoke 2 no longer vendors.
+sys.modules.setdefault("invoke.vendor.six", six)
 
+from patchwork import files  # noqa: E402
 
-# apt-get update can hang for good when a proxy or mirror drops a connection in
-# the middle of a reply (all of apt's methods idle, apt waiting): bound each try
-# and try again, instead of hanging the whole run.
-APT_UPDATE = "for try in 1 2 3; do timeout 120 apt-get update -q && break; [ $try = 3 ] && exit 1; sleep 2; done"
+from . import templates  # noqa: E402
+from .errors import HostFailed, StepFailed, UserError  # noqa: E402
+from .inventory import Inventory  # noqa: E402
+from .report import Report  # noqa: E402
+from .secrets import Secrets  # noqa: E402
+from .shell import APT_UPDATE, Result, q, retry_loop  # noqa: E402
+
+# HostFailed, Result and APT_UPDATE live in the light modules (errors, shell) so
+# that tiers use them without importing paramiko; they stay importable from here.
+__all__ = ["APT_UPDATE", "HostFailed", "HostSession", "Result", "Run"]
+
 # While packages install under `HostSession.packages(..., no_start=True)`: no
 # service starts (invoke-rc.d asks this file; 101 = action forbidden).
 POLICY_RC = "/usr/sbin/policy-rc.d"
@@ -53,21 +57,6 @@ class _BulkStdinRemote(Remote):
         if isinstance(input_, io.StringIO):
             return input_.read()
         return super().read_our_stdin(input_)
-
-
-class HostFailed(Exception):
-    """One action failed on one host; the message names the command, status and stderr."""
-
-
-@dataclass
-class Result:
-    stdout: str = ""
-    stderr: str = ""
-    exited: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.exited == 0
 
 
 class Run:

@@ -8,8 +8,8 @@ import threading
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+# rich (~0.1 s to import) is loaded when a report is made, not when the tasks
+# are listed: `inv --list` stays fast.
 
 LOG_DIR = Path(__file__).resolve().parents[2] / "logs"
 
@@ -18,6 +18,8 @@ STYLE = {"ok": "green", "changed": "yellow", "failed": "bold red", "skipped": "d
 
 class Report:
     def __init__(self, title: str, mask=lambda s: s, log_dir: Path = LOG_DIR, file=None):
+        from rich.console import Console  # lazy: see the top of this module
+
         self.title = title
         self.console = Console(highlight=False, soft_wrap=True, file=file)
         self.counts: dict[str, Counter] = defaultdict(Counter)
@@ -79,6 +81,8 @@ class Report:
         if self.console.is_terminal:
             self.console.print(table)
         else:
+            from rich.console import Console  # lazy: see the top of this module
+
             Console(highlight=False, width=160, file=self.console.file).print(table)
 
     def error(self, message: str) -> None:
@@ -90,6 +94,8 @@ class Report:
         return any(c["failed"] for c in self.counts.values())
 
     def recap(self) -> None:
+        from rich.table import Table  # lazy: see the top of this module
+
         took = (dt.datetime.now() - self.started).total_seconds()
         table = Table(title=f"Recap: {self.title} ({took:.1f}s)", title_justify="left")
         for col in ("host", "ok", "changed", "failed"):

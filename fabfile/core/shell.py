@@ -8,8 +8,27 @@ command line.
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 
-__all__ = ["q", "join", "retry_loop"]
+__all__ = ["APT_UPDATE", "Result", "q", "join", "retry_loop"]
+
+# apt-get update can hang for good when a proxy or mirror drops a connection in
+# the middle of a reply (all of apt's methods idle, apt waiting): bound each try
+# and try again, instead of hanging the whole run.
+APT_UPDATE = "for try in 1 2 3; do timeout 120 apt-get update -q && break; [ $try = 3 ] && exit 1; sleep 2; done"
+
+
+@dataclass
+class Result:
+    """What a command on a host gave: its output and exit status."""
+
+    stdout: str = ""
+    stderr: str = ""
+    exited: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.exited == 0
 
 
 def q(value: object) -> str:

@@ -7,6 +7,7 @@ import os
 import inspect
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from invoke import Context
 from invoke import task as invoke_task
@@ -15,8 +16,9 @@ from invoke.config import AmbiguousMergeError
 from invoke.exceptions import Exit, UncastableEnvVar
 
 from .errors import UserError
-from .inventory import Inventory, load
-from .remote import Run
+
+if TYPE_CHECKING:
+    from .inventory import Inventory
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_INVENTORY = "inventory/lab.yml"
@@ -105,6 +107,10 @@ def inventory_path(c: Context) -> Path:
 
 
 def load_inventory(c: Context) -> Inventory:
+    # pydantic and yaml are loaded when a task reads its inventory, not when
+    # the tasks are listed (`inv --list` stays fast).
+    from .inventory import load
+
     return load(inventory_path(c))
 
 
@@ -164,6 +170,10 @@ def runbook(*args, **kwargs):
 
         @functools.wraps(body)
         def wrapper(c, *a, hosts=None, check=False, **kw):
+            # Imported when the task runs, not when it is declared: paramiko and
+            # fabric stay out of `inv --list` and `inv --help TASK`.
+            from .remote import Run
+
             try:
                 check = check_mode(c, check)
                 run = Run(load_inventory(c), title=_task_title(body), only=hosts, check=check)

@@ -3,12 +3,14 @@ named after the path it lands on (configs/<tier>/<path>.j2)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
+if TYPE_CHECKING:
+    import jinja2
 
-from .inventory import Inventory
+    from .inventory import Inventory
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 HEADER_MARK = "Managed by hastack"
@@ -18,12 +20,13 @@ def _managed(comment: str = "#", source: str = "") -> str:
     return f"{comment} {HEADER_MARK} ({source}): local edits are overwritten on the next deploy."
 
 
-@jinja2.pass_context
 def _managed_header(ctx, comment: str = "#") -> str:
     return _managed(comment, f"configs/{ctx.name}" if ctx.name else "")
 
 
 def environment() -> jinja2.Environment:
+    import jinja2  # here, not at the top: `inv --list` does not render templates
+
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(CONFIGS),
         undefined=jinja2.StrictUndefined,
@@ -32,11 +35,14 @@ def environment() -> jinja2.Environment:
         lstrip_blocks=True,
         autoescape=False,
     )
-    env.globals["managed"] = _managed_header
+    env.globals["managed"] = jinja2.pass_context(_managed_header)
     return env
 
 
-_ENV = environment()
+@functools.cache
+def _env() -> jinja2.Environment:
+    """The environment every render uses, made on the first one."""
+    return environment()
 
 
 def template_names() -> list[str]:
@@ -59,7 +65,7 @@ def context(inv: Inventory, host: str, secret, **extra) -> dict[str, Any]:
 def render(name: str, inv: Inventory, host: str, secret, **vars) -> str:
     """Render configs/<name> for ``host`` with the standard context and the
     variables the tier hands over (``vars``): templates see nothing else."""
-    return _ENV.get_template(name).render(context(inv, host, secret, **vars))
+    return _env().get_template(name).render(context(inv, host, secret, **vars))
 
 
 def static(name: str) -> str:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .inventory import Inventory
 from .shell import q
+
+if TYPE_CHECKING:
+    from .inventory import Inventory
 
 # --- roles ----------------------------------------------------------------------------
 

@@ -29,7 +29,6 @@ import sys
 
 from invoke import Collection
 from invoke.exceptions import Exit
-from rich.table import Table
 
 from ..core import UserError, load_inventory, task
 from ..core.report import Report
@@ -78,6 +77,8 @@ def down(c, purge=False, disks=False):
 @task
 def status(c):
     """Show each lab host: state, addresses and memory in use."""
+    from rich.table import Table  # here, not at the top: `inv --list` stays fast without rich
+
     plan = Plan(load_inventory(c))
     table = Table(title=f"lab {plan.inv.site.name} ({plan.inv.path})")
     for col in ("host", "state", "addresses", "memory", "roles"):

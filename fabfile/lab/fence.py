@@ -31,8 +31,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..core.inventory import Inventory, load
+from ..core.inventory import load
 from ..core.report import Report
 from ..core.secrets import Secrets
 from ..core.topology import FENCE_LAB_PORT, FENCE_LAB_SECRET
@@ -40,6 +41,9 @@ from .lifecycle import lab_up
 from .machines import power_off, power_state
 from .plan import STATE_DIR, Plan
 from .system import say
+
+if TYPE_CHECKING:
+    from ..core.inventory import Inventory
 
 ACTIONS = ("on", "off", "status", "list")
 

@@ -14,11 +14,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-from rich.markup import escape
+from typing import TYPE_CHECKING
 
 from ..core import UserError
-from ..core.inventory import Inventory
 from ..core.report import Report
 from ..core.secrets import Secrets
 from ..core.topology import FENCE_LAB_PORT, FENCE_LAB_SECRET
@@ -28,8 +26,11 @@ from .apt_proxy import acng_pids, ensure_apt_proxy, listening
 from .machines import NSPAWN_TMPFS
 from .networks import NETNS_DIR
 from .plan import STATE_DIR, Plan
-from .system import (is_mount, locked, mounts, processes, require_root, require_tools, say, stop_pids, tail,
+from .system import (escape, is_mount, locked, mounts, processes, require_root, require_tools, say, stop_pids, tail,
                      umount)
+
+if TYPE_CHECKING:
+    from ..core.inventory import Inventory
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MACHINE = "machine"  # what the report calls this machine beside the lab hosts

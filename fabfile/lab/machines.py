@@ -18,15 +18,18 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..core import UserError
-from ..core.inventory import Inventory
 from ..core.report import Report
 from ..core.wait import TimedOut, poll
 from .apt_proxy import APT_PROXY_CONF
 from .networks import NETNS_DIR
 from .plan import DEBOOTSTRAP_ARGS, MIRROR, SECURITY_MIRROR, SUITE, Plan
 from .system import fs_type, is_mount, processes, root_builder, run, stop_pids, tail, write
+
+if TYPE_CHECKING:
+    from ..core.inventory import Inventory
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Each container gets a cgroup of its own in these hierarchies (those that

@@ -13,11 +13,13 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from ..core import UserError
-from ..core.inventory import Inventory
-from ..core.inventory import Lab as LabSettings
+
+if TYPE_CHECKING:
+    from ..core.inventory import Inventory
 
 STATE_DIR = Path(os.environ.get("HASTACK_LAB_STATE", "/var/lib/hastack-lab"))
 
@@ -49,6 +51,9 @@ class Plan:
     state_dir: Path = field(default_factory=lambda: STATE_DIR)
 
     def __post_init__(self):
+        # here, not at the top: the inventory module (pydantic) loads when a task runs, not for `inv --list`
+        from ..core.inventory import Lab as LabSettings
+
         settings = self.inv.lab or LabSettings()
         self.prefix = settings.bridge_prefix
         self.marker = f"hastack-lab:{self.prefix}"

@@ -13,8 +13,6 @@ import signal
 import subprocess
 from pathlib import Path
 
-from rich.markup import escape
-
 from ..core import UserError
 from ..core.report import Report
 from ..core.wait import TimedOut, poll
@@ -162,6 +160,13 @@ def tail(path: Path, lines: int = 20) -> str:
         return ""
     kept = [line for line in text.split("\n") if line.strip()]
     return "\n".join("    " + line for line in kept[-lines:])
+
+
+def escape(text: str) -> str:
+    """``text`` printed as it is, not read as rich markup."""
+    from rich.markup import escape as rich_escape  # here, not at the top: `inv --list` stays fast without rich
+
+    return rich_escape(text)
 
 
 def say(report: Report, message: str) -> None:

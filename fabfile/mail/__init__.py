@@ -33,10 +33,11 @@ Ops tasks (`mail.add-domain`, `add-mailbox`, `add-alias`, `set-password`,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from invoke import Collection
 
-from ..core import HostFailed, HostSession, Run, runbook, topology
-from ..core.inventory import Inventory
+from ..core import HostFailed, runbook, topology
 from ..core.sql import my_literal
 from .addresses import check_domain, check_password, parse_address  # noqa: F401 (the tier's validators)
 from .ops import add_alias, add_domain, add_mailbox, list_, set_password
@@ -44,6 +45,10 @@ from .postfixadmin import (  # noqa: F401
     NO_PK_SQL, PFA_CLIENT_CNF, PFA_DIR, PK_TABLES, admin_sql, client, db_host, domain_exists, domain_sql,
     mailbox_hash, patch_upgrade, query, run_upgrade, schema_version, setup_password_hash, write,
 )
+
+if TYPE_CHECKING:
+    from ..core import HostSession, Run
+    from ..core.inventory import Inventory
 
 ROLE = topology.MAIL_BACKEND
 VMAIL = topology.VMAIL_USER

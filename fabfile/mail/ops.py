@@ -8,12 +8,16 @@ nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..core import HostSession, Run, UserError, q, runbook, topology
+from ..core import UserError, q, runbook, topology
 from ..core import prompt
 from ..core.sql import my_literal
 from .addresses import check_domain, check_name, check_password, parse_address
 from .postfixadmin import alias_sql, domain_exists, domain_sql, mailbox_hash, mailbox_sql, password_sql, query, write
+
+if TYPE_CHECKING:
+    from ..core import HostSession, Run
 
 PASSWORD_HELP = {
     "password": "the password (asked for, hidden, when not given; an argument lands in the shell history)",

@@ -7,11 +7,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from typing import TYPE_CHECKING
 
-import bcrypt
-
-from ..core import HostFailed, HostSession, UserError, q, topology
+from ..core import HostFailed, UserError, q, topology
 from ..core.sql import my_literal, mysql, mysql_e
+
+if TYPE_CHECKING:
+    from ..core import HostSession
 
 PFA_DIR = "/usr/share/postfixadmin"
 PFA_CLIENT_CNF = "/etc/postfixadmin/hastack-client.cnf"
@@ -81,6 +83,8 @@ def _bcrypt_salt(seed: bytes, rounds: int = 10) -> bytes:
 def setup_password_hash(password: str) -> str:
     """PHP's password_hash() form of the setup password (bcrypt, $2y$), with a
     salt derived from the password so the rendered config is stable across runs."""
+    import bcrypt  # here, not at the top: `inv --list` hashes nothing
+
     salt = _bcrypt_salt(hashlib.sha256(b"postfixadmin-setup:" + password.encode()).digest())
     return bcrypt.hashpw(password.encode(), salt).decode().replace("$2b$", "$2y$", 1)
 
@@ -88,6 +92,8 @@ def setup_password_hash(password: str) -> str:
 def mailbox_hash(password: str) -> str:
     """A mailbox/admin password as Postfixadmin stores it with
     encrypt=dovecot:BLF-CRYPT and dovecot verifies it: {BLF-CRYPT}$2y$..."""
+    import bcrypt  # here, not at the top: `inv --list` hashes nothing
+
     return "{BLF-CRYPT}" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(10)).decode().replace("$2b$", "$2y$", 1)
 
 

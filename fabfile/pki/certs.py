@@ -1,50 +1,28 @@
-"""PKI tier: the site's own certificate authority and a TLS certificate per host.
-
-Runbook:
-1. The CA (`pki.init`, once per site): an EC P-256 key and a self-signed
-   certificate (CN "<site> hastack CA", CA:TRUE pathlen 0, keyCertSign+cRLSign,
-   ~10 years), kept in the secrets store as `pki_ca_key` / `pki_ca_cert`.
-2. Trust (every host): openssl, ca-certificates and ssl-cert (the group that
-   may read keys); /etc/ssl/hastack/ca.crt, and the CA in the host's trust
-   store (/usr/local/share/ca-certificates/hastack-ca.crt, update-ca-certificates).
-3. Certificates (every host): /etc/ssl/hastack/<host>.crt (0644) for the key
-   /etc/ssl/hastack/<host>.key (0640 root:ssl-cert). The key is generated ON
-   the host with openssl and never leaves it; only its public key is read and
-   signed here. The certificate names everything the host answers on: its
-   short name, FQDN, every address on every network, every VIP it may carry
-   (VIPs whose role the host has: address and names) and its service names
-   (the XMPP domain on ejabberd nodes).
-   A certificate is kept while it is signed by the current CA, matches the
-   host's key, names exactly those names and addresses and is valid for more
-   than 30 days; otherwise it is re-issued (the key is kept).
-4. Coverage: every VIP without DNS names is reported (clients must use its
-   address); `pki.verify` lists, per host, every name and address it serves
-   and fails for any the certificate on the host does not cover.
-
-Service tiers copy or chown the key for their own users; `pki.export-ca`
-writes the CA certificate for clients and browsers.
-"""
+"""The pki tier's work: the site CA, the host certificates and the steps that
+put them on hosts. It needs `cryptography`, so the tier's tasks (in
+``__init__``) import it when they run, not when the tasks are listed."""
 
 from __future__ import annotations
 
 import datetime as dt
 import io
 import ipaddress
-import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from invoke import Collection
 
-from .core import HostFailed, HostSession, Run, UserError, load_inventory, q, runbook, task
-from .core.inventory import Inventory
-from .core.secrets import Secrets
-from .core.topology import CA_FILE, PKI_DIR as DIR, cert_path, key_path
+from ..core import HostFailed, UserError, q
+from ..core.topology import CA_FILE, PKI_DIR as DIR, cert_path, key_path
+
+if TYPE_CHECKING:
+    from ..core import HostSession, Run
+    from ..core.inventory import Inventory
+    from ..core.secrets import Secrets
 
 CA_KEY_SECRET = "pki_ca_key"
 CA_CERT_SECRET = "pki_ca_cert"
@@ -457,54 +435,3 @@ def _verify(h: HostSession, ca: CA) -> None:
         raise HostFailed(f"{crt}: " + "; ".join(problems))
     h.ok(f"{crt}: valid until {cert.not_valid_after_utc:%Y-%m-%d}, trusted by the host, "
          f"covers {', '.join(covered)}")
-
-
-# --- tasks --------------------------------------------------------------------------
-
-
-@runbook(default=True)
-def deploy(run):
-    """Converge the PKI: make the site CA if needed, trust it and issue host certificates."""
-    converge(run)
-
-
-@runbook
-def init(run):
-    """Make the site CA once (key and certificate in the secrets store); later runs reuse it."""
-    _ca(run, create=True)
-
-
-@runbook(help={"renew": "re-issue every selected host's certificate even when it is still valid (keys are kept)"})
-def issue(run, renew=False):
-    """Issue and install a certificate per host for every name and address it answers on."""
-    _issue(run, _ca(run, create=False), renew=renew)
-
-
-@runbook
-def verify(run):
-    """List what each host answers on and fail for anything its certificate does not cover."""
-    ca = _ca(run, create=False)
-    run.step("pki: verify host certificates", run.hosts(), lambda h: _verify(h, ca))
-    for note in vip_notes(run.inv):
-        run.report.note(note)
-
-
-@task(help={"path": "where to write the CA certificate (default: <inventory>.ca.crt beside the inventory)"})
-def export_ca(c, path=None):
-    """Write the site CA certificate (PEM) for clients and browsers to import."""
-    inv = load_inventory(c)
-    secrets = Secrets(inv.site_file("secrets.yml"), persist=False)
-    ca, _ = load_ca(secrets, inv.site.name, create=False)
-    dest = Path(path).expanduser() if path else inv.site_file("ca.crt")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists() and dest.read_text() == ca.cert_pem:
-        print(f"{dest}: already the site CA ({ca.describe()})")
-        return
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text(ca.cert_pem)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
-    print(f"{dest}: wrote the site CA {ca.describe()}")
-
-
-ns = Collection("pki", deploy, init, issue, verify, export_ca)

@@ -39,11 +39,11 @@ tier creates Postfixadmin's and Roundcube's tables with primary keys (see
 
 from __future__ import annotations
 
-from invoke import Collection
-from rich.table import Table
+from typing import TYPE_CHECKING
 
-from ..core import HostFailed, HostSession, Run, UserError, runbook
-from ..core.inventory import Inventory
+from invoke import Collection
+
+from ..core import HostFailed, UserError, runbook
 from ..core.prompt import confirm
 from ..core.sql import mysql, mysql_e
 from ..core.topology import (DATABASES, GALERA_CHECK_PORT, PKI_DIR, account_secret, db_accounts,
@@ -53,6 +53,12 @@ from .facts import (NULL_UUID, PRECREATED_TABLES, Decision, Formation, Node, boo
                     describe, formation, parse_grastate, parse_recovered, parse_status, read_node, recover_cmd,
                     sql_changes, state_sql, tables_without_primary_key_sql)
 from .flavours import FLAVOURS, Flavour, flavour, install_packages
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from ..core import HostSession, Run
+    from ..core.inventory import Inventory
 
 __all__ = [
     "FLAVOURS", "NULL_UUID", "PRECREATED_TABLES", "Decision", "Flavour", "Formation", "Node",
@@ -286,6 +292,8 @@ def gather(run: Run, galera: list[str], *, recover: bool) -> list[Node]:
 def evidence_table(states: list[Node], chosen: str | None = None) -> Table:
     """The evidence pxc.bootstrap decides on, one row per node (UUIDs shortened
     to 8 characters; the full ones are in the run's log)."""
+    from rich.table import Table  # here, not at the top: `inv --list` stays fast without rich
+
     t = Table(title="Galera nodes" + (f" (-> {chosen}: chosen)" if chosen else ""))
     for col in ("node", "mysqld", "status", "state", "size", "uuid", "seqno", "from", "safe"):
         t.add_column(col, no_wrap=True)

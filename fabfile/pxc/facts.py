@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from ..core import HostSession, UserError
-from ..core.inventory import Inventory
+from ..core import UserError
 from ..core.sql import my_ident, my_literal, mysql_e, mysql_native_hash
 from ..core.topology import DATABASES, db_accounts
 from .flavours import Flavour, flavour
+
+if TYPE_CHECKING:
+    from ..core import HostSession
+    from ..core.inventory import Inventory
 
 NULL_UUID = "00000000-0000-0000-0000-000000000000"
 DATADIR = "/var/lib/mysql"

@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..core import HostSession
-from ..core.inventory import Inventory
-from ..core.remote import APT_UPDATE
+from ..core.shell import APT_UPDATE
+
+if TYPE_CHECKING:
+    from ..core import HostSession
+    from ..core.inventory import Inventory
 
 
 @dataclass(frozen=True)

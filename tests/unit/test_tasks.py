@@ -42,3 +42,33 @@ def test_unknown_host_is_refused_without_traceback():
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert "--hosts names unknown host(s): nosuchhost" in out.stderr
+
+
+# What `inv --list` and `inv --help TASK` must not import: they show tasks, they
+# connect, validate, render, report and sign nothing (issue 17: lazy imports).
+HEAVY = ("paramiko", "fabric.connection", "pydantic", "jinja2", "rich", "cryptography", "bcrypt", "yaml")
+# invoke itself loads PyYAML (its vendored cyaml imports yaml._yaml): what invoke
+# already loaded is not counted against the tasks.
+SHOWN_ONLY = f"""
+import sys
+import invoke
+from invoke.main import program
+
+before = set(sys.modules)
+if sys.argv[1:] == ["import"]:
+    import tasks  # noqa: F401
+else:
+    try:
+        program.run(["inv", *sys.argv[1:]], exit=False)
+    except SystemExit as exc:
+        assert not exc.code, exc
+print("heavy:", sorted(m for m in {HEAVY!r} if m in sys.modules and m not in before))
+"""
+
+
+@pytest.mark.parametrize("args", [["import"], ["--list"], ["--help", "deploy.all"], ["--help", "pki.issue"]],
+                         ids=" ".join)
+def test_listing_and_help_import_no_heavy_library(args):
+    out = subprocess.run([sys.executable, "-c", SHOWN_ONLY, *args], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "heavy: []", f"{args}: {out.stdout.splitlines()[-1]}"
