@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fabfile import lab  # noqa: E402
 from fabfile.core.inventory import load  # noqa: E402
+from fabfile.core.shell import APT_UPDATE  # noqa: E402
 from fabfile.core.tasks import DEFAULT_INVENTORY, PROJECT_ROOT  # noqa: E402
 
 RECAP = re.compile(r"(\d+) ok, (\d+) (?:would )?change[d]?, (\d+) failed on (\d+) hosts")
@@ -64,15 +65,13 @@ def floor(inv, sets: dict[str, list[str]]) -> float:
     with contextlib.redirect_stdout(io.StringIO()):
         lab.lab_down(inv, disks=True)
         lab.lab_up(inv)
-    install = "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
-
     def one(host):
-        cmd = [*lab.ssh_command(inv, host, batch=True), install + " ".join(sets[host])]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        if out.returncode != 0:  # the lists may need an update first, as the tiers do
-            out = subprocess.run([*lab.ssh_command(inv, host, batch=True), "apt-get update -q && " + install
-                                  + " ".join(sets[host])], capture_output=True, text=True, timeout=3600)
-        return out.returncode
+        # What HostSession.packages runs: install, and when the lists are stale, a
+        # bounded, retried apt-get update first.
+        install = ("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
+                   "-o Dpkg::Options::=--force-confold " + " ".join(sets[host]))
+        cmd = [*lab.ssh_command(inv, host, batch=True), f"{install} || ({APT_UPDATE} && {install})"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=3600).returncode
     start = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(len(inv.hosts)) as pool:
         codes = list(pool.map(one, inv.hosts))
