@@ -32,17 +32,17 @@ def test_chains_run_side_by_side_each_in_order():
 
 def test_a_failure_in_one_chain_stops_the_other_before_its_next_step():
     run = RecordingRun(LAB, answers={"e1server": [(r"^false", Result(stderr="broken", exited=3))]})
-    failed = threading.Event()
+    started, failed = threading.Event(), threading.Event()
     ran: list[str] = []
 
-    def xmpp():
+    def xmpp():  # fails while the mail chain is in the middle of its first step
         try:
-            run.step("xmpp: one", ["e1server"], lambda h: h.sh("false"))
+            run.step("xmpp: one", ["e1server"], lambda h: (started.wait(5), h.sh("false")))
         finally:
             failed.set()
 
     def mail():
-        run.step("mail: one", ["pxc1"], lambda h: (failed.wait(5), ran.append("mail 1")))
+        run.step("mail: one", ["pxc1"], lambda h: (started.set(), failed.wait(5), ran.append("mail 1")))
         run.step("mail: two", ["pxc1"], lambda h: ran.append("mail 2"))
 
     with pytest.raises(StepFailed) as err:
