@@ -88,10 +88,19 @@ def initial_sync_wanted(created: dict[str, bool], dstates: dict[str, str]) -> bo
         s and "UpToDate" not in s for s in dstates.values())
 
 
-def preflight(run: Run) -> None:
-    """Checked before any host is touched (deploy.all asks every tier first)."""
-    if run.inv.mail is not None and run.inv.mail.storage == "drbd":
-        check(run.inv)
+def preflight(run: Run) -> list[str]:
+    """Checked before any host is touched (deploy.all asks every tier first): the
+    node count, and all of the resource's nodes selected or none. Returns them."""
+    inv = run.inv
+    if inv.mail is None or inv.mail.storage != "drbd":
+        return []
+    check(inv)
+    nodes = members(inv)
+    selected = [h for h in nodes if h in run.hosts()]
+    if selected and selected != nodes:
+        raise UserError(f"drbd: the resource is converged on all its nodes at once; --hosts must name all of "
+                        f"{', '.join(nodes)} or none of them")
+    return selected
 
 
 def converge(run: Run) -> None:
@@ -99,8 +108,10 @@ def converge(run: Run) -> None:
     if inv.mail is None or inv.mail.storage != "drbd":
         run.report.note("drbd: mail.storage is not drbd, nothing to do")
         return
-    check(inv)
-    hosts = members(inv)
+    hosts = preflight(run)
+    if not hosts:
+        run.report.note("drbd: no node of the resource selected (--hosts), skipped")
+        return
     run.secret(SECRET)
     created: dict[str, bool] = {}
     run.step("drbd: resource file, metadata, up", hosts, lambda h: _node(h, created))

@@ -177,7 +177,7 @@ def _guard_inventory(run: Run) -> list[str]:
         raise UserError(f"{run.inv.path}: role galera needs an odd number of hosts, at least 3 "
                         f"(found {len(galera)}: {', '.join(galera)})")
     selected = run.hosts("galera")
-    if run.only is not None and set(selected) != set(galera):
+    if run.only is not None and selected and set(selected) != set(galera):
         raise UserError("the Galera cluster is converged as a whole: --hosts must name all of "
                         f"{', '.join(galera)} or none of them")
     return galera

@@ -347,3 +347,14 @@ def test_bad_input_is_refused_cleanly(case, tmp_path, monkeypatch, capsys, watch
         assert want in text, f"{want!r} not in:\n{text}"
     assert watched == {"ssh": [], "local": []}, text
     assert _listing(tmp_path) == before, "files beside the inventory changed"
+
+
+def test_deploy_all_on_hosts_outside_both_clusters_is_not_refused(monkeypatch):
+    """--hosts naming no cluster node: the cluster tiers skip (the preflight refuses only a part of a cluster)."""
+    from fabfile import cluster, pxc
+    from fabfile.core.testing import RecordingRun
+    from fabfile.core.inventory import load
+
+    run = RecordingRun(load(Path(__file__).resolve().parents[2] / "inventory/lab.yml"), only="e1server,gw1server")
+    pxc.preflight(run)
+    assert cluster.preflight(run) == []
