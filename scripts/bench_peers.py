@@ -105,7 +105,7 @@ for key, value in {{k: v for k, v in (l.split(" = ") for l in open(f"{{FILES}}/{
                    if " = " in l and not l.startswith("#"))}}.items():
     server.sysctl(name=f"sysctl {{key}}", key=key, value=int(value.strip()))
 ''')
-    return ["pyinfra", "-y", "--quiet", str(work / "inventory.py"), str(work / "deploy.py")]
+    return ["pyinfra", "-y", str(work / "inventory.py"), str(work / "deploy.py")]
 
 
 def ansible_files(inv, hosts: list[str], work: Path) -> list[str]:
