@@ -127,7 +127,9 @@ def ansible_files(inv, hosts: list[str], work: Path) -> list[str]:
 {copies}    - ansible.builtin.apt: {{name: {base.PACKAGES!r}, state: present}}
     - ansible.builtin.file: {{src: /usr/share/zoneinfo/{inv.site.timezone}, dest: /etc/localtime, state: link}}
     - ansible.builtin.systemd_service: {{name: systemd-timesyncd, enabled: true}}
-    - ansible.builtin.shell: {{cmd: "{check} || sysctl -q -p {base.SYSCTL_FILE}"}}
+    - name: sysctl values live
+      ansible.builtin.shell: |
+        {check} || sysctl -q -p {base.SYSCTL_FILE}
       changed_when: false
 """)
     return ["ansible-playbook", "-f", str(len(hosts)), "-i", str(work / "hosts.ini"), str(work / "play.yml")]
