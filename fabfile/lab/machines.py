@@ -395,12 +395,17 @@ def power_state(plan: Plan, host: str) -> str:
 
 
 def power_off(plan: Plan, host: str, timeout: float = 30) -> None:
-    """Pull the plug: SIGKILL every process of the container, no shutdown. The
-    caller reads the state afterwards (still "on" if it did not go in time)."""
+    """Pull the plug: SIGKILL every process of the container, no shutdown, and
+    drop its network namespace: what a host holds only while it runs (a VIP
+    that Pacemaker or keepalived added, live firewall rules, routes) is gone,
+    as after a real power cut; power on makes the NICs anew. The caller reads
+    the state afterwards (still "on" if it did not go in time)."""
     stop_pids(cgroup_pids(plan, host), grace=0)
     with contextlib.suppress(TimedOut):
         poll(lambda: running_pid(plan, host), lambda pid: pid is None, timeout=timeout, interval=0.2,
              what=f"{host} to power off")
+    if running_pid(plan, host) is None and (NETNS_DIR / plan.netns(host)).exists():
+        run(["ip", "netns", "del", plan.netns(host)], check=False)
 
 
 def remove_cgroups(plan: Plan, host: str) -> None:
