@@ -366,7 +366,10 @@ def wait_ready(plan: Plan, started: dict[str, subprocess.Popen], timeout: float)
     def one(host: str) -> str:
         console = plan.console_log(host)
         try:
-            return poll(lambda: attempt(host), lambda state: state in ("running", "degraded"),
+            # Booted within the time given: an answer that came after the deadline
+            # (a slow first attempt) is not in time.
+            return poll(lambda: attempt(host),
+                        lambda state: state in ("running", "degraded") and time.monotonic() <= deadline,
                         timeout=max(0.0, deadline - time.monotonic()), interval=0.3,
                         what=f"{host} to boot", error=_NotBooted,
                         give_up=lambda _state, _s: "stopped" if started[host].poll() is not None else None)
