@@ -14,8 +14,11 @@ __all__ = ["APT_UPDATE", "Result", "q", "join", "retry_loop"]
 
 # apt-get update can hang for good when a proxy or mirror drops a connection in
 # the middle of a reply (all of apt's methods idle, apt waiting): bound each try
-# and try again, instead of hanging the whole run.
-APT_UPDATE = "for try in 1 2 3; do timeout 120 apt-get update -q && break; [ $try = 3 ] && exit 1; sleep 2; done"
+# and try again, instead of hanging the whole run. A try may take 300 s (fresh
+# package lists through a slow link took longer than 120 s three times over);
+# no translations are fetched (half of the download, never used).
+APT_UPDATE = ("for try in 1 2 3; do timeout 300 apt-get update -q -o Acquire::Languages=none && break; "
+              "[ $try = 3 ] && exit 1; sleep 2; done")
 
 
 @dataclass
