@@ -59,9 +59,15 @@ def render_v4(inv: Inventory, host: str, secret) -> str:
     return templates.render(TEMPLATE_V4, inv, host, secret, **template_vars(inv, host, secret))
 
 
+def _vars(run: Run, host: str) -> dict:
+    """The host's compiled rules, once per run (the preflight, rules.v4 and rules.v6 share them)."""
+    return run.memo(("firewall vars", host), lambda: template_vars(run.inv, host, run.secret))
+
+
 def _v4(run: Run, host: str) -> str:
     """rules.v4 of ``host``, rendered once per run (the preflight and the step share it)."""
-    return run.memo(("rules.v4", host), lambda: render_v4(run.inv, host, run.secret))
+    return run.memo(("rules.v4", host),
+                    lambda: templates.render(TEMPLATE_V4, run.inv, host, run.secret, **_vars(run, host)))
 
 
 # --- the SSH lock-out guard ------------------------------------------------------
@@ -236,7 +242,7 @@ def apply_rules(h: HostSession) -> None:
     """Put rules.v4/rules.v6 (validated) and make the live tables match them."""
     v4 = _v4(h.run, h.name)
     check_ssh_kept(v4, h.inv, h.name)
-    v6 = templates.render(TEMPLATE_V6, h.inv, h.name, h.run.secret, **h.tier_vars(template_vars))
+    v6 = templates.render(TEMPLATE_V6, h.inv, h.name, h.run.secret, **_vars(h.run, h.name))
     h.directory("/etc/iptables")
     h.put(v4, RULES_V4, mode="0640", validate="iptables-restore --test {}")
     h.put(v6, RULES_V6, mode="0640", validate="ip6tables-restore --test {}")

@@ -73,7 +73,7 @@ class Run:
                                                                mask=self.secrets.mask)
         self._sessions: dict[str, HostSession] = {}
         self._memo: dict[Any, Any] = {}
-        self._memo_lock = threading.Lock()
+        self._memo_lock = threading.RLock()  # a memoized value may ask for another
         self._sessions_lock = threading.Lock()
         self._chains = 0  # chains of steps running side by side (no spinner then)
         self._stopped = threading.Event()  # a chain failed: the others stop before their next step
