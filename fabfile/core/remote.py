@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import hashlib
 import io
+import logging
 import socket
 import sys
 import threading
@@ -36,6 +37,12 @@ from .inventory import Inventory  # noqa: E402
 from .report import Report  # noqa: E402
 from .secrets import Secrets  # noqa: E402
 from .shell import APT_UPDATE, Result, q, retry_loop  # noqa: E402
+
+# paramiko's transport threads log a failed handshake (a host that accepts TCP
+# but never sends its SSH banner) with a traceback through Python's last-resort
+# handler, straight onto the operator's terminal; the run reports that host in
+# one line instead ("cannot reach every host ...").
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 # HostFailed, Result and APT_UPDATE live in the light modules (errors, shell) so
 # that tiers use them without importing paramiko; they stay importable from here.

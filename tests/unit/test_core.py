@@ -84,3 +84,53 @@ def test_on_one_turns_a_host_failure_into_a_named_error():
     run = RecordingRun(LAB)
     with pytest.raises(UserError, match=r"^e1server: `false` exited 1"):
         run.on_one("op", run.session("e1server"), lambda h: h.sh("false") if h.probe("x").ok else h.read("false"))
+
+
+
+HANG_UP = """
+import socket, sys, threading
+from fabfile.core import UserError
+from fabfile.core.inventory import load
+from fabfile.core.remote import Run
+server = socket.socket()
+server.bind(("127.0.0.1", int(sys.argv[2])))
+server.listen(4)
+def hang_up():
+    while True:
+        conn, _ = server.accept()
+        conn.close()
+threading.Thread(target=hang_up, daemon=True).start()
+run = Run(load(sys.argv[1]), title="t")
+try:
+    run.connect(["h1"])
+except UserError as exc:
+    print(exc)
+"""
+
+
+def test_a_host_that_never_sends_its_ssh_banner_is_one_line_not_a_traceback(tmp_path):
+    """paramiko logs a failed handshake from its transport thread (through
+    Python's last-resort handler when nothing configured logging, as under
+    `inv`); the operator sees only the run's one line for that host."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "key").write_text("")
+    (tmp_path / "kh").write_text("")
+    inv_file = tmp_path / "site.yml"
+    inv_file.write_text(yaml.safe_dump({
+        "site": {"name": "t", "domain": "t.test"},
+        "ssh": {"port": port, "connect_timeout": 3, "key_file": "key", "known_hosts": "kh"},
+        "networks": {"mgmt": {"cidr": "127.0.0.0/8", "management": True}},
+        "hosts": {"h1": {"roles": ["spare"], "addresses": {"mgmt": "127.0.0.1"}}},
+    }))
+    out = subprocess.run([sys.executable, "-c", HANG_UP, str(inv_file), str(port)], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert "cannot reach every host" in out.stdout and "h1 (127.0.0.1:" in out.stdout, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr and "paramiko" not in out.stderr, out.stderr
