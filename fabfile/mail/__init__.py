@@ -13,19 +13,24 @@ Runbook of `inv mail.deploy`:
    reached through the database proxy on this host's mail-network address.
    `postfix check` runs on the new files before they stay.
 3. dovecot: one dovecot.conf (IMAP with STARTTLS and IMAPS with our CA's
-   certificate, LMTP and auth sockets inside postfix's spool) and the SQL
-   passdb/userdb file; `doveconf -n` checks the new file first.
+   certificate, LMTP with Sieve and auth sockets inside postfix's spool,
+   ManageSieve on 4190 with STARTTLS for the webmail front ends; vacation
+   replies go out through postfix's sendmail) and the SQL passdb/userdb file;
+   `doveconf -n` checks the new file first.
 4. Postfixadmin: its database settings, a setup password hash (bcrypt of a
    generated secret; the web setup page is not served at all), nginx + php-fpm.
 5. Services: where Pacemaker owns postfix / dovecot (a resource of that name
-   in the cluster's CIB) the unit is only reloaded where it runs; otherwise it
-   is enabled and started here.
+   in the cluster's CIB) the unit is only reloaded where it runs (dovecot's
+   reload opens new listeners, e.g. ManageSieve's); otherwise it is enabled
+   and started here.
 6. Schema (once, on one back end): Postfixadmin's own upgrade.php, in a copy
    whose two tables without a primary key upstream (domain_admins, log) get
    one, so the schema works under pxc_strict_mode=ENFORCING / wsrep_mode=
    REQUIRED_PRIMARY_KEY (why: `postfixadmin.py`), brings the schema to its
-   version; then the mail domain and a superadmin (admin@DOMAIN, its password
-   a generated secret `mail_postfixadmin_admin_password`).
+   version; then the mail domain, a superadmin (admin@DOMAIN, its password
+   a generated secret `mail_postfixadmin_admin_password`) and the aliases
+   postmaster@DOMAIN and abuse@DOMAIN to the inventory's `mail.postmaster`
+   (none without it: the run says so).
 
 Ops tasks (`mail.add-domain`, `add-mailbox`, `add-alias`, `set-password`,
 `list`): `ops.py`.
@@ -42,8 +47,9 @@ from ..core.sql import my_literal
 from .addresses import check_domain, check_password, parse_address  # noqa: F401 (the tier's validators)
 from .ops import add_alias, add_domain, add_mailbox, list_, set_password
 from .postfixadmin import (  # noqa: F401
-    NO_PK_SQL, PFA_CLIENT_CNF, PFA_DIR, PK_TABLES, admin_sql, client, db_host, domain_exists, domain_sql,
-    mailbox_hash, patch_upgrade, query, run_upgrade, schema_version, setup_password_hash, write,
+    NO_PK_SQL, PFA_CLIENT_CNF, PFA_DIR, PK_TABLES, admin_sql, alias_goto_sql, alias_sql, client, db_host,
+    domain_exists, domain_sql, mailbox_hash, patch_upgrade, query, run_upgrade, schema_version,
+    setup_password_hash, write,
 )
 
 if TYPE_CHECKING:
@@ -57,7 +63,7 @@ MAIL_ROOT = topology.MAIL_STORE
 PHP_FPM = "php8.2-fpm"
 PACKAGES = [
     "postfix", "postfix-mysql",
-    "dovecot-core", "dovecot-imapd", "dovecot-lmtpd", "dovecot-mysql",
+    "dovecot-core", "dovecot-imapd", "dovecot-lmtpd", "dovecot-mysql", "dovecot-sieve", "dovecot-managesieved",
     "nginx", "php-fpm", "php-cli", "php-mysql", "php-mbstring", "php-imap", "postfixadmin",
     "mariadb-client",
 ]
@@ -66,6 +72,7 @@ DEBCONF = [
     "postfix postfix/main_mailer_type select No configuration",
 ]
 POSTFIX_MAPS = ("domains", "mailboxes", "aliases")
+ROLE_ALIASES = ("postmaster", "abuse")  # of the mail domain, to mail.postmaster
 SETUP_SECRET = "mail_postfixadmin_setup_password"
 ADMIN_SECRET = "mail_postfixadmin_admin_password"
 
@@ -94,14 +101,18 @@ def template_vars(inv: Inventory, host: str, secret) -> dict:
     vip = inv.vips.get("mail")
     db_hosts = topology.db_proxy_addresses(inv, host)
     port = topology.db_proxy_port(inv)
+    reader = topology.db_proxy_reader_port(inv)
     return {
         "domain": inv.mail.domain,
         "myhostname": mail_hostname(inv, host),
         "vip_address": str(vip.address) if vip is not None else "",
         "db_hosts": db_hosts,
         "db_host": db_hosts[0],
-        "postfix_hosts": " ".join(f"inet:{a}:{port}" for a in db_hosts),
+        # postfix's and dovecot's lookups are read-only: the proxy's reader port
+        # (the non-writer Galera nodes); Postfixadmin writes, on the writer port.
+        "postfix_hosts": " ".join(f"inet:{a}:{reader}" for a in db_hosts),
         "db_port": port,
+        "db_reader_port": reader,
         "db_name": topology.MAIL_DB,
         "db_password": {u: secret(topology.account_secret(inv, u)) for u in ("postfix", "dovecot", "postfixadmin")},
         "setup_hash": setup_password_hash(secret(SETUP_SECRET)),
@@ -132,7 +143,7 @@ def converge(run: Run) -> None:
     run.step("mail: services", hosts, lambda h: services(h, changed.get(h.name, {})))
     if hosts:
         first = run.answering(hosts, what="mail back end")
-        run.step("mail: Postfixadmin schema, domain and superadmin", [first.name], schema)
+        run.step("mail: Postfixadmin schema, domain, superadmin, postmaster@ and abuse@", [first.name], schema)
 
 
 def install(h: HostSession) -> None:
@@ -242,6 +253,38 @@ def schema(h: HostSession) -> None:
     else:
         pw = mailbox_hash(h.run.secret(ADMIN_SECRET))
         write(h, admin_sql(admin, pw), f"superadmin {admin} (password: secret {ADMIN_SECRET})")
+    role_aliases(h, schema_missing=h.run.check and have is None)
+
+
+def role_aliases(h: HostSession, schema_missing: bool = False) -> None:
+    """postmaster@ and abuse@ of the mail domain forward to mail.postmaster: added
+    when missing, pointed there when they forward elsewhere; an address that is
+    a mailbox of its own is left alone. Without mail.postmaster: none, and a note."""
+    domain = h.inv.mail.domain
+    target = h.inv.mail.postmaster_address
+    addresses = [f"{local}@{domain}" for local in ROLE_ALIASES]
+    if target is None:
+        h.note(f"mail.postmaster is not set in the inventory: no aliases {' and '.join(addresses)} created "
+               "(set it to the mailbox that reads them)")
+        return
+    rows = {} if schema_missing else {row[0]: row[1:] for row in query(
+        h, "SELECT address, goto, active FROM alias WHERE address IN ("
+        + ", ".join(my_literal(a) for a in addresses) + ");")}
+    sql, done = [], []
+    for address in addresses:
+        goto, active = (rows.get(address) or [None, None])[:2]
+        if goto is None:
+            sql.append(alias_sql(address, domain, [target]))
+            done.append(f"{address} -> {target}")
+        elif goto == address:
+            h.note(f"{address} is a mailbox of its own: left alone (not forwarded to {target})")
+        elif goto != target or active != "1":
+            sql.append(alias_goto_sql(address, domain, [target]))
+            done.append(f"{address} -> {target} (was {goto}{'' if active == '1' else ', inactive'})")
+        else:
+            h.ok(f"alias {address} -> {target}")
+    if sql:
+        write(h, "\n".join(sql), "alias " + ", ".join(done))
 
 
 def ensure_domain(h: HostSession, domain: str, description: str = "") -> bool:

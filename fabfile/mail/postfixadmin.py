@@ -132,6 +132,13 @@ def alias_sql(address: str, domain: str, goto: list[str]) -> str:
             + log_sql(domain, "create_alias", f"{address} -> {','.join(goto)}"))
 
 
+def alias_goto_sql(address: str, domain: str, goto: list[str]) -> str:
+    """Point an existing alias elsewhere (and make it active)."""
+    return (f"UPDATE alias SET goto = {my_literal(','.join(goto))}, active = 1, modified = NOW() "
+            f"WHERE address = {my_literal(address)};\n"
+            + log_sql(domain, "edit_alias", f"{address} -> {','.join(goto)}"))
+
+
 def password_sql(address: str, domain: str, pw_hash: str) -> str:
     return (f"UPDATE mailbox SET password = {my_literal(pw_hash)}, modified = NOW() "
             f"WHERE username = {my_literal(address)};\n" + log_sql(domain, "edit_password", address))

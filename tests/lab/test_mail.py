@@ -228,3 +228,74 @@ def test_second_deploy_changes_nothing(lab, m):
     ok(out)
     _, changed, failed = recap(out)
     assert (changed, failed) == (0, 0), out.stdout[-4000:]
+
+
+# --- issue 12: postmaster@/abuse@ aliases, ManageSieve for the webmail front ends ----------
+
+
+def test_postmaster_and_abuse_reach_the_mailbox_the_inventory_names(lab, m):
+    box = m.inv.mail.postmaster_address
+    if box is None or not box.endswith(f"@{m.domain}"):
+        pytest.skip("mail.postmaster is not a mailbox of the mail domain in this inventory")
+    rows = listing(lab)
+    for role in ("postmaster", "abuse"):
+        assert f"alias   {role}@{m.domain} -> {box}" in rows, rows
+    password = token(16)  # the mailbox may be left from an earlier run: give it a known password
+    ok(lab.invoke("mail.set-password" if f"mailbox {box}" in rows else "mail.add-mailbox", box, "--password", password))
+    for role in ("postmaster", "abuse"):
+        subject = f"hastack {m.tag} to {role}@"
+        r = client(lab, m, {
+            "submit": {"from": m.a, "password": m.users[m.a], "to": f"{role}@{m.domain}", "subject": subject},
+            "fetch": {"user": box, "password": password, "subject": subject, "wait": 60},
+        })
+        assert r["submitted"] and r["found"] == {"imap_starttls": 1, "imaps": 1}, r
+
+
+# ManageSieve (RFC 5804) by hand: greeting, STARTTLS verified against the site CA
+# for the mail name, the capabilities again; JSON out.
+SIEVE_PROBE = r'''
+import json, socket, ssl, sys
+spec = json.load(sys.stdin)
+try:
+    sock = socket.create_connection((spec["host"], 4190), timeout=spec["timeout"])
+except OSError as exc:
+    print(json.dumps({"connect": type(exc).__name__}))
+    sys.exit(0)
+def caps(f):
+    lines = []
+    while not (lines and lines[-1].startswith(("OK", "NO", "BYE"))):
+        lines.append(f.readline().decode().rstrip("\r\n"))
+    return lines
+before = caps(sock.makefile("rb"))
+sock.sendall(b"STARTTLS\r\n")
+reply = sock.makefile("rb").readline().decode().strip()
+tls = ssl.create_default_context(cafile=spec["ca"]).wrap_socket(sock, server_hostname=spec["name"])
+after = caps(tls.makefile("rb"))
+tls.sendall(b"LOGOUT\r\n")
+print(json.dumps({"connect": "ok", "before": before, "starttls": reply, "tls": tls.version(), "after": after}))
+'''
+
+
+def _sieve_probe(lab, m, host: str) -> dict:
+    spec = {"host": str(m.inv.vips["mail"].address), "name": m.inv.vips["mail"].names[0], "ca": str(m.ca),
+            "timeout": 5}
+    out = subprocess.run(["ip", "netns", "exec", lab.plan.netns(host), sys.executable, "-c", SIEVE_PROBE],
+                         input=json.dumps(spec), capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, f"ManageSieve probe from {host} failed:\n{out.stderr[-3000:]}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_managesieve_on_the_vip_for_the_webmail_hosts_only(lab, m):
+    if not lab.vip_holders("mail") or not m.inv.vips["mail"].names:
+        pytest.skip("no back end holds the mail VIP (the cluster tier has not run) or it has no name")
+    for host in m.inv.with_role("webmail"):
+        r = _sieve_probe(lab, m, host)
+        assert r["connect"] == "ok" and '"STARTTLS"' in r["before"], r
+        assert not any(line.startswith('"SASL"') and "PLAIN" in line for line in r["before"]), r
+        assert r["starttls"].startswith("OK") and r["tls"] in ("TLSv1.2", "TLSv1.3"), r
+        assert any(line.startswith('"SASL"') and "PLAIN" in line for line in r["after"]), r
+    others = [h for h in m.inv.with_role("galera") if m.inv.vips["mail"].network in m.inv.hosts[h].addresses]
+    if not others:
+        pytest.skip("no Galera host on the mail VIP's network to try from")
+    r = _sieve_probe(lab, m, others[0])
+    assert r["connect"] in ("TimeoutError", "ConnectionRefusedError"), f"{others[0]} reached ManageSieve: {r}"

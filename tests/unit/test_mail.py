@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import bcrypt
@@ -16,7 +18,8 @@ import pytest
 from fabfile import mail
 from fabfile.core import Result, templates, topology
 from fabfile.core.errors import UserError
-from fabfile.core.inventory import load
+from fabfile.core import flows
+from fabfile.core.inventory import InventoryError, load, parse
 from fabfile.core.secrets import Secrets
 from fabfile.core.sql import my_literal
 from fabfile.core.testing import RecordingRun, files_present
@@ -124,7 +127,7 @@ def test_lookups_go_through_the_db_proxy_as_the_accounts_pxc_creates(path, secre
     inv = load(path)
     accounts = {a.user: a for a in topology.db_accounts(inv)}
     host = mail.backends(inv)[0]
-    port = topology.db_proxy_port(inv)
+    port = topology.db_proxy_reader_port(inv)  # read-only lookups: the reader path
     want_hosts = topology.db_proxy_addresses(inv, host)
     if "dbproxy" in inv.vips:
         assert want_hosts[0] == str(inv.vips["dbproxy"].address)
@@ -156,7 +159,7 @@ def test_dovecot_imap_starttls_imaps_lmtp_and_auth_sockets_match_postfix(secrets
     assert conf.count("driver = sql") == 2  # passdb and userdb
     assert "!include" not in conf  # the whole configuration is this file
     assert f"mail_uid = {mail.VMAIL_UID}" in conf
-    assert re.search(r"^protocols = imap lmtp$", conf, re.MULTILINE)
+    assert re.search(r"^protocols = imap lmtp sieve$", conf, re.MULTILINE)
     sql = render("dovecot/dovecot-sql.conf.ext.j2", secrets)
     assert f"CONCAT('{mail.MAIL_ROOT}/', maildir) AS home" in sql
 
@@ -405,6 +408,7 @@ def test_services_pacemaker_owns_are_only_reloaded_where_running():
     assert run.session("postfix01").changes == []
 
 
+ALIASES_QUERY = "SELECT address, goto, active FROM alias WHERE address IN ('postmaster@lab.test', 'abuse@lab.test');"
 SCHEMA_DONE = [
     (r"grep -o 'function upgrade_\[0-9\]\*'", Result(stdout="1844\n")),
     (r"-e 'SELECT 1'$", Result()),
@@ -412,6 +416,7 @@ SCHEMA_DONE = [
         "SELECT value FROM config WHERE name = 'version';": "1844\n",
         "SELECT domain FROM domain WHERE domain = 'lab.test';": "lab.test\n",
         "SELECT superadmin, active FROM admin WHERE username = 'admin@lab.test';": "1\t1\n",
+        ALIASES_QUERY: "postmaster@lab.test\tmailadmin@lab.test\t1\nabuse@lab.test\tmailadmin@lab.test\t1\n",
     }.get(stdin, ""))),
 ]
 
@@ -542,3 +547,184 @@ def test_commands_parse_back_to_their_words():
     cmd = postfixadmin.client("10.0.0.1")
     assert shlex.split(cmd) == ["mysql", f"--defaults-extra-file={mail.PFA_CLIENT_CNF}", "-h", "10.0.0.1",
                                 "--connect-timeout=5", "-NB", "postfix"]
+
+
+# --- issue 12: Sieve + ManageSieve, postmaster@/abuse@, Postfixadmin's footer ----------------
+
+
+def test_dovecot_sieve_at_delivery_and_managesieve_with_starttls(secrets):
+    conf = render("dovecot/dovecot.conf.j2", secrets)
+    assert {"dovecot-sieve", "dovecot-managesieved"} <= set(mail.PACKAGES)
+    assert re.search(r"^protocols = imap lmtp sieve$", conf, re.MULTILINE)
+    lmtp = re.search(r"^protocol lmtp \{\n(.*?)^\}", conf, re.MULTILINE | re.DOTALL)[1]
+    assert re.search(r"^\s+mail_plugins = \$mail_plugins sieve$", lmtp, re.MULTILINE)
+    plugin = re.search(r"^plugin \{\n(.*?)^\}", conf, re.MULTILINE | re.DOTALL)[1]
+    # in the user's home: MAIL_ROOT/DOMAIN/LOCAL/ (dovecot-sql's user_query), on the replicated store
+    assert "sieve = file:~/sieve;active=~/.dovecot.sieve" in plugin
+    assert re.search(r"service managesieve-login \{\s+inet_listener sieve \{\s+port = 4190\s+\}\s+\}", conf)
+    # STARTTLS, not TLS on connect; no AUTH before it; the certificate the IMAP listeners use
+    assert "ssl = yes\n" in conf and "disable_plaintext_auth = yes" in conf
+    assert not re.search(r"inet_listener sieve \{[^}]*ssl = yes", conf)
+    assert conf.count("ssl_cert = <") == 1
+    # vacation replies and redirects: postfix's sendmail, pickup -> cleanup (virtual aliases) -> LMTP
+    assert re.search(r"^sendmail_path = /usr/sbin/sendmail$", conf, re.MULTILINE)
+    assert "submission_host" not in conf
+    assert ("pickup", "unix") in master_services(render("postfix/master.cf.j2", secrets))
+    main = postfix_params(render("postfix/main.cf.j2", secrets))
+    assert main["virtual_transport"].startswith("lmtp:") and "authorized_submit_users" not in main
+
+
+@pytest.mark.skipif(not (shutil.which("doveconf") and Path("/usr/lib/dovecot/managesieve").exists()
+                         and Path("/usr/lib/dovecot/modules/lib90_sieve_plugin.so").exists()),
+                    reason="dovecot-core, dovecot-sieve and dovecot-managesieved are not installed here")
+@pytest.mark.parametrize("path", MAIL_INVENTORIES, ids=lambda p: p.name)
+def test_doveconf_accepts_the_rendered_dovecot_conf(path, secrets, tmp_path):
+    inv = load(path)
+    conf = tmp_path / "dovecot.conf"
+    conf.write_text(render_full("mail/etc/dovecot/dovecot.conf.j2", inv, mail.backends(inv)[0], secrets.get))
+    out = subprocess.run(["doveconf", "-n", "-c", str(conf)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "service managesieve-login {" in out.stdout and 'mail_plugins = " sieve"' in out.stdout
+    bad = tmp_path / "bad.conf"  # the check is real: an unknown setting fails it
+    bad.write_text(conf.read_text() + "\nsieve_no_such_setting = 1\n")
+    assert subprocess.run(["doveconf", "-n", "-c", str(bad)], capture_output=True, check=False).returncode != 0
+
+
+def test_managesieve_is_open_from_the_webmail_hosts_only_on_the_mail_vip():
+    vip = f"{LAB.vips['mail'].address}/32"
+    webmail = {a for h in LAB.with_role("webmail") for a in LAB.peer_addresses(h, "postfix01")}
+    for host in LAB.hosts:
+        sieve = [r for r in flows.input_rules(LAB, host) if r.proto == "tcp" and "4190" in r.ports.split(",")]
+        if "mail_backend" in LAB.hosts[host].roles:
+            assert {r.src for r in sieve} == webmail and webmail
+            assert {r.dst for r in sieve} == {vip}
+        else:
+            assert sieve == [], host
+    # a non-webmail host on the same network (a Galera node) is not among the sources
+    assert not {a for a in LAB.peer_addresses("pxc1", "postfix01")} & webmail
+
+
+def test_postfixadmin_footer_names_the_site_and_hides_the_update_check(secrets):
+    local = render("postfixadmin/config.local.php.j2", secrets)
+    assert "change-this" not in local
+    name = LAB.vips["mail"].names[0]
+    assert "$CONF['show_footer_text'] = 'YES';" in local
+    assert f"$CONF['footer_link'] = 'https://{name}/';" in local
+    assert re.search(rf"\$CONF\['footer_text'\] = '[^']*{re.escape(name)}';", local)
+    assert f"$CONF['admin_email'] = 'postmaster@{LAB.mail.domain}';" in local
+    # 3.3's footer.tpl hard-codes the update check in <span id="update-check">: our style sheet hides it
+    css = re.search(r"\$CONF\['theme_custom_css'\] = '([^']+)';", local)[1]
+    assert not css.startswith("/")  # Postfixadmin prefixes '../' on the pages under users/
+    site = render("nginx/sites-available/postfixadmin.j2", secrets)
+    block = re.search(rf"location = /{re.escape(css)} \{{(.*?)\}}\n", site, re.DOTALL)[1]
+    assert "default_type text/css;" in block and "#update-check { display: none; }" in block
+
+
+def _inventory_with(postmaster_line: str, tmp_path) -> Path:
+    text = (ROOT / "inventory/lab.yml").read_text()
+    assert "\n  postmaster: mailadmin\n" in text
+    path = tmp_path / "site.yml"
+    path.write_text(text.replace("\n  postmaster: mailadmin\n", f"\n{postmaster_line}\n" if postmaster_line else "\n"))
+    return path
+
+
+@pytest.mark.parametrize("value, want", [
+    ("mailadmin", "mailadmin@lab.test"),
+    ("ops.team+mail", "ops.team+mail@lab.test"),
+    ("noc@corp.example.org", "noc@corp.example.org"),
+])
+def test_inventory_postmaster_is_a_local_part_or_an_address(value, want, tmp_path):
+    inv = load(_inventory_with(f"  postmaster: {value}", tmp_path))
+    assert inv.mail.postmaster == value and inv.mail.postmaster_address == want
+    assert LAB.mail.postmaster_address == "mailadmin@lab.test"
+    assert load(_inventory_with("", tmp_path)).mail.postmaster_address is None
+
+
+@pytest.mark.parametrize("value, message", [
+    ("'Admin'", "not a mailbox"), ("'a..b'", "not a mailbox"), ("'.a'", "not a mailbox"),
+    ("\"a'b\"", "not a mailbox"), ("'a b'", "not a mailbox"), ("'a;id'", "not a mailbox"),
+    ("'$(id)'", "not a mailbox"), ("'a@localhost'", "not a mailbox"), ("'a@b@lab.test'", "not a mailbox"),
+    ("\"a\\nb\"", "not a mailbox"), ("''", "not a mailbox"), (f"'{'x' * 65}'", "not a mailbox"),
+    ("postmaster", "forward to themselves"), ("abuse@lab.test", "forward to themselves"),
+    ("[a]", "valid string"),
+])
+def test_inventory_refuses_a_bad_postmaster(value, message, tmp_path):
+    path = _inventory_with(f"  postmaster: {value}", tmp_path)
+    with pytest.raises(InventoryError) as e:
+        load(path)
+    assert e.value.problems[0][0] == "mail.postmaster" and message in e.value.problems[0][1]
+    assert f"{path}: mail.postmaster: " in str(e.value)
+
+
+def _schema_run(aliases: str, inv=LAB) -> RecordingRun:
+    answers = dict(SCHEMA_DONE[:2])
+    answers_db = {
+        "SELECT value FROM config WHERE name = 'version';": "1844\n",
+        "SELECT domain FROM domain WHERE domain = 'lab.test';": "lab.test\n",
+        "SELECT superadmin, active FROM admin WHERE username = 'admin@lab.test';": "1\t1\n",
+        ALIASES_QUERY: aliases,
+    }
+    run = RecordingRun(inv, answers={"*": [*answers.items(), UPLOAD, (
+        r"^mysql ", lambda cmd, stdin: Result(stdout=answers_db.get(stdin, "")))]})
+    run.secrets.get = lambda name, *a: SECRET(name)
+    mail.schema(run.session("postfix01"))
+    return run
+
+
+def _alias_writes(run) -> list[str]:
+    h = run.session("postfix01")
+    return [stdin for cmd, stdin in h.stdins if cmd == DB and stdin.startswith("START TRANSACTION")]
+
+
+def test_postmaster_and_abuse_aliases_are_added_once_with_quoted_values():
+    run = _schema_run("")
+    (sql,) = _alias_writes(run)
+    target = my_literal("mailadmin@lab.test")
+    for address in ("postmaster@lab.test", "abuse@lab.test"):
+        assert (f"INSERT INTO alias (address, goto, domain, created, modified, active) VALUES "
+                f"({my_literal(address)}, {target}, {my_literal('lab.test')}, NOW(), NOW(), 1);") in sql
+    assert sql.count("INSERT INTO log") == 2 and sql.endswith("COMMIT;\n")
+    changed = run.session("postfix01").reported("changed")
+    assert any("alias postmaster@lab.test -> mailadmin@lab.test" in m for m in changed)
+    # converged: read, nothing written
+    run = _schema_run("postmaster@lab.test\tmailadmin@lab.test\t1\nabuse@lab.test\tmailadmin@lab.test\t1\n")
+    assert _alias_writes(run) == [] and run.session("postfix01").changes == []
+    assert "alias abuse@lab.test -> mailadmin@lab.test" in run.session("postfix01").reported("ok")
+
+
+def test_an_alias_elsewhere_is_pointed_at_the_inventory_mailbox_and_a_mailbox_left_alone():
+    run = _schema_run("postmaster@lab.test\tpostmaster@lab.test\t1\nabuse@lab.test\tsomeone@lab.test\t0\n")
+    (sql,) = _alias_writes(run)
+    assert "INSERT INTO alias" not in sql
+    assert ("UPDATE alias SET goto = 'mailadmin@lab.test', active = 1, modified = NOW() "
+            "WHERE address = 'abuse@lab.test';") in sql
+    assert "'postmaster@lab.test'" not in sql  # a mailbox of its own (address = goto)
+    assert "postmaster@lab.test is a mailbox of its own" in run.output
+
+
+def test_no_postmaster_in_the_inventory_no_aliases_and_a_note():
+    inv = LAB.model_copy(update={"mail": LAB.mail.model_copy(update={"postmaster": None})})
+    run = _schema_run("", inv=inv)
+    h = run.session("postfix01")
+    assert _alias_writes(run) == [] and h.changes == []
+    assert ALIASES_QUERY not in [stdin for _, stdin in h.stdins]
+    assert "mail.postmaster is not set" in run.output and "postmaster@lab.test and abuse@lab.test" in run.output
+
+
+def test_aliases_in_check_mode_on_a_new_database_are_only_announced():
+    run = RecordingRun(LAB, check=True, answers={"*": [
+        (r"^test -s /etc/postfixadmin/hastack-client.cnf", Result()),
+        (r"grep -o 'function upgrade_\[0-9\]\*'", Result(stdout="1844\n")),
+        (r"-e 'SELECT 1'$", Result()), (r"^mysql ", Result())]})
+    run.secrets.get = lambda name, *a: SECRET(name)
+    mail.schema(run.session("postfix01"))
+    h = run.session("postfix01")
+    assert h.changes == [] and ALIASES_QUERY not in [stdin for _, stdin in h.stdins]
+    assert any("alias postmaster@lab.test -> mailadmin@lab.test" in m for m in h.reported("would change"))
+
+
+def test_dovecot_owned_by_pacemaker_is_reloaded_where_it_runs():
+    owns = (r"crm_resource --resource (postfix|dovecot) --query-xml", Result())
+    run = recording({"postfix01": [owns, (r"^systemctl is-active -q dovecot$", Result())]})
+    mail.services(run.session("postfix01"), {"dovecot": True})
+    assert run.session("postfix01").changes == ["systemctl reload dovecot"]
