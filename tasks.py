@@ -5,10 +5,11 @@ from invoke import Collection
 from fabfile import base, deploy, firewall, gateway, lab, pki
 from fabfile import ejabberd, keepalived, postgres
 from fabfile import dbproxy, mail, pxc
-from fabfile import cluster, drbd
+from fabfile import cluster, drbd, webmail
 from fabfile.core.tasks import CONFIG_DEFAULTS
 
 ns = Collection()
 ns.configure(CONFIG_DEFAULTS)
-for module in (lab, base, gateway, firewall, pki, postgres, ejabberd, keepalived, pxc, dbproxy, mail, drbd, cluster, deploy):
+for module in (lab, base, gateway, firewall, pki, postgres, ejabberd, keepalived, pxc, dbproxy, mail, drbd, cluster, webmail,
+               deploy):
     ns.add_collection(Collection.from_module(module))

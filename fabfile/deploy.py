@@ -2,6 +2,8 @@
 
 Order: the tiers every host gets (base -> firewall -> gateway -> pki), then the
 XMPP service and the mail cluster, each only when the inventory describes it.
+keepalived serves a VIP of each system: the XMPP chain ends with the xmpp VIP,
+the mail chain with the webmail VIP (after Roundcube, which its check watches).
 The two systems run side by side when no host belongs to both (each still in
 its own order); a failure in one stops the other before its next step. Each
 tier module has `converge(run)`; a new tier adds itself to one list here.
@@ -12,12 +14,31 @@ from invoke import Collection
 from . import base, firewall, gateway, pki
 from . import ejabberd, keepalived, postgres
 from . import dbproxy, mail, pxc
-from . import cluster, drbd
+from . import cluster, drbd, webmail
 from .core import runbook, topology
 
+class _Vips:
+    """keepalived for some VIPs only, as one tier of a chain (each host still gets all its VIPs)."""
+
+    def __init__(self, *names: str):
+        self.names = names
+        self.preflight = keepalived.preflight
+
+    def converge(self, run) -> None:
+        keepalived.converge(run, vips=self.names)
+
+
 COMMON = [base, firewall, gateway, pki]  # the gateway forwards once its FORWARD chain is in place
-XMPP = [postgres, ejabberd, keepalived]
-MAIL = [pxc, dbproxy, mail, drbd, cluster]  # galera -> database proxy -> mail services (vmail uid first) -> storage and cluster
+XMPP = [postgres, ejabberd, _Vips("xmpp")]
+class _TableGrants:
+    """pxc's accounts step again: a grant on one table waits until the mail tier made it."""
+
+    converge = staticmethod(pxc.table_grants)
+
+
+# galera -> database proxy -> mail services (vmail uid first) -> storage and cluster
+# -> grants on the mail tier's tables -> webmail and its VIP
+MAIL = [pxc, dbproxy, mail, drbd, cluster, _TableGrants, webmail, _Vips("webmail")]
 XMPP_ROLES = (topology.EJABBERD, topology.PG_PRIMARY, topology.PG_REPLICA)
 MAIL_ROLES = (topology.GALERA, topology.MAIL_BACKEND, topology.WEBMAIL)
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 ANYONE = "anyone"  # no source restriction (public service ports)
 MGMT = "management network"  # the inventory's management CIDR
 LOCAL_NETS = "local networks"  # every non-management network the target host is on
+WEBMAIL_CLIENTS = "webmail clients"  # webmail.client_networks of the inventory, else LOCAL_NETS
 
 Ports = Union[str, Callable[["Inventory"], str]]
 
@@ -45,7 +46,8 @@ def _ssh_port(inv: Inventory) -> str:
 
 
 def _db_proxy_port(inv: Inventory) -> str:
-    return str(topology.db_proxy_port(inv))
+    """The DB proxy's writer port and its reader port where that is another one ("3306,3307")."""
+    return ",".join(dict.fromkeys(str(p) for p in (topology.db_proxy_port(inv), topology.db_proxy_reader_port(inv))))
 
 
 def _haproxy(inv: Inventory) -> bool:
@@ -105,12 +107,14 @@ TABLE: dict[str, list[Allow]] = {
     "spare": [],
     # --- mail cluster (seed 000) ----------------------------------------------
     "webmail": [
-        Allow("tcp", "80,443", LOCAL_NETS, "Roundcube"),
+        Allow("tcp", "80,443", WEBMAIL_CLIENTS, "Roundcube on the webmail VIP (HTTP redirects to HTTPS)",
+              to_vip="webmail"),
         Allow("vrrp", "", ("webmail",), "keepalived VRRP between the webmail VIP peers"),
     ],
     "mail_backend": [
         Allow("tcp", "25,587,143,993", LOCAL_NETS, "SMTP, submission, IMAP, IMAPS"),
         Allow("tcp", "80,443", LOCAL_NETS, "Postfixadmin"),
+        Allow("tcp", "4190", ("webmail",), "ManageSieve from the webmail front ends", to_vip="mail"),
         Allow("tcp", _db_proxy_port, ("webmail", "mail_backend"), "database proxy on the dbproxy VIP",
               to_vip="dbproxy"),
         Allow("udp", "5404:5406", ("mail_backend",), "corosync"),
@@ -119,7 +123,7 @@ TABLE: dict[str, list[Allow]] = {
     ],
     "galera": [
         Allow("tcp", "3306,4444,4567,4568", ("galera",), "Galera: MySQL, SST, replication, IST"),
-        Allow("tcp", "3306", ("mail_backend", "webmail"), "MySQL from the DB proxy and Roundcube"),
+        Allow("tcp", "3306", ("mail_backend",), "MySQL from the DB proxy"),
         Allow("tcp", "9200", ("mail_backend",), "Galera health check for HAProxy", when=_haproxy),
     ],
 }
@@ -159,7 +163,9 @@ def allowed_sources(inv: Inventory, target: str, allow: Allow) -> list[str | Non
         return [None]
     if allow.sources == MGMT:
         return [str(inv.networks[inv.management_network].cidr)]
-    if allow.sources == LOCAL_NETS:
+    if allow.sources == WEBMAIL_CLIENTS and inv.webmail is not None and inv.webmail.client_networks:
+        return [str(inv.networks[net].cidr) for net in inv.webmail.client_networks]
+    if allow.sources in (LOCAL_NETS, WEBMAIL_CLIENTS):
         nets = inv.non_management(target) or {inv.management_network: None}
         return [str(inv.networks[net].cidr) for net in nets]
     out: list[str | None] = []

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UserError
 
@@ -118,11 +118,65 @@ class MailStack(_Model):
     storage: Literal["drbd", "none"] = "drbd"
     drbd_version: Literal[8, 9] = 8
     fence_agent: Literal["fence_virsh", "fence_vbox", "fence_ipmilan", "fence_lab", "none"] = "fence_virsh"
+    # The mailbox postmaster@DOMAIN and abuse@DOMAIN forward to: a local part of
+    # the mail domain or a full address. Unset: the mail tier creates neither alias.
+    postmaster: str | None = None
+
+    @field_validator("postmaster")
+    @classmethod
+    def _postmaster_is_a_mailbox(cls, value: str | None, info) -> str | None:
+        from pydantic_core import PydanticCustomError
+
+        if value is None:
+            return None
+        local_re = r"[a-z0-9_+-]+(\.[a-z0-9_+-]+)*"  # what `inv mail.add-mailbox` accepts, lower case
+        if not re.fullmatch(rf"{local_re}(@{DNS_NAME.pattern})?", value) or len(value.split("@")[0]) > 64:
+            raise PydanticCustomError(
+                "mailbox", "not a mailbox: give a local part of the mail domain (lower-case letters, digits, "
+                "'.', '_', '+', '-'; no leading, trailing or double dot; at most 64) or a full LOCAL@DOMAIN")
+        domain = info.data.get("domain")
+        if value in ("postmaster", "abuse", f"postmaster@{domain}", f"abuse@{domain}"):
+            raise PydanticCustomError(
+                "mailbox", "postmaster@ and abuse@ would forward to themselves: name the mailbox that reads them")
+        return value
+
+    @property
+    def postmaster_address(self) -> str | None:
+        """mail.postmaster as a full address (a local part is in the mail domain)."""
+        if self.postmaster is None:
+            return None
+        return self.postmaster if "@" in self.postmaster else f"{self.postmaster}@{self.domain}"
 
 
 class XmppStack(_Model):
     domain: str
     admins: list[str] = Field(default_factory=list)
+
+
+# Roundcube plugins Debian 12 ships (roundcube-core + roundcube-plugins 1.6): the
+# only names `webmail.plugins` accepts (a plugin that is not there breaks every page).
+ROUNDCUBE_PLUGINS = (
+    "acl", "additional_message_headers", "archive", "attachment_reminder", "autologon", "autologout",
+    "database_attachments", "debug_logger", "emoticons", "enigma", "example_addressbook",
+    "filesystem_attachments", "help", "hide_blockquote", "http_authentication", "identicon",
+    "identity_select", "jqueryui", "krb_authentication", "managesieve", "markasjunk", "new_user_dialog",
+    "new_user_identity", "newmail_notifier", "password", "reconnect", "redundant_attachments",
+    "show_additional_headers", "squirrelmail_usercopy", "subscriptions_option", "userinfo",
+    "vcard_attachments", "virtuser_file", "virtuser_query", "zipdownload",
+)
+
+
+class Webmail(_Model):
+    """The webmail front ends (Roundcube on the hosts with role webmail)."""
+
+    # The name on the login page and in the title; default "<site name> webmail".
+    product_name: str | None = Field(default=None, min_length=1, max_length=64)
+    # The networks whose hosts may open the webmail VIP's 80/443 (default: every
+    # network the VIP's hosts are on, but the management one).
+    client_networks: list[Name] | None = None
+    plugins: list[str] = Field(default_factory=lambda: ["password", "managesieve", "archive", "zipdownload"])
+    # Shown as "Get support" on the login page when set.
+    support_url: str | None = Field(default=None, pattern=r"^https?://[^\s'\"<>]+$")
 
 
 class Lab(_Model):
@@ -140,6 +194,7 @@ class Inventory(_Model):
     vips: dict[Name, Vip] = Field(default_factory=dict)
     mail: MailStack | None = None
     xmpp: XmppStack | None = None
+    webmail: Webmail | None = None
     lab: Lab | None = None
 
     # Set by load(); not part of the YAML.
@@ -316,6 +371,17 @@ class Inventory(_Model):
                 add(f"{where}.address", f"address {vip.address} is already used by {seen[vip.address]}")
             else:
                 seen[vip.address] = where
+
+        if self.webmail is not None:
+            for i, net in enumerate(self.webmail.client_networks or []):
+                if net not in self.networks:
+                    add(f"webmail.client_networks.{i}", f"unknown network '{net}'")
+            for i, plugin in enumerate(self.webmail.plugins):
+                if plugin not in ROUNDCUBE_PLUGINS:
+                    add(f"webmail.plugins.{i}", f"'{plugin}' is not a Roundcube plugin Debian ships "
+                        f"(known: {', '.join(ROUNDCUBE_PLUGINS)})")
+            if self.webmail.product_name is not None and CONTROL.search(self.webmail.product_name):
+                add("webmail.product_name", "control characters are not allowed")
 
         counts = Counter(role for host in self.hosts.values() for role in host.roles)
         if self.mail is not None:

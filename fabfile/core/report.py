@@ -93,7 +93,9 @@ class Report:
     def failed(self) -> bool:
         return any(c["failed"] for c in self.counts.values())
 
-    def recap(self) -> None:
+    def recap(self, stopped: str | None = None) -> None:
+        """The table per host and one summary line; ``stopped``: the error that
+        ended the run early (the summary then says so, never "nothing to do")."""
         from rich.table import Table  # lazy: see the top of this module
 
         took = (dt.datetime.now() - self.started).total_seconds()
@@ -109,7 +111,9 @@ class Report:
         self.console.print(table)
         verb = "would change" if any(c["would change"] for c in self.counts.values()) else "changed"
         summary = f"{total['ok']} ok, {total['changed']} {verb}, {total['failed']} failed on {len(self.counts)} hosts"
-        if not total["changed"] and not total["failed"]:
+        if stopped:
+            summary += f"; stopped early: {stopped.splitlines()[0]}"
+        elif not total["changed"] and not total["failed"]:
             summary += ": nothing to do, everything already as it should be"
         self.console.print(summary)
         self.console.print(f"[dim]log: {self.log_path}[/]")

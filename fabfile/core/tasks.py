@@ -184,7 +184,7 @@ def runbook(*args, **kwargs):
             except UserError as exc:
                 run.report.error(str(exc))
                 if run.report.counts:  # something was done or checked before the error: say what
-                    run.report.recap()
+                    run.report.recap(stopped=str(exc))
                 run.close()
                 raise Exit(code=1) from None
             except (Exit, KeyboardInterrupt):

@@ -24,6 +24,12 @@ def _managed_header(ctx, comment: str = "#") -> str:
     return _managed(comment, f"configs/{ctx.name}" if ctx.name else "")
 
 
+def php_literal(value) -> str:
+    """A PHP single-quoted string literal of ``value`` (the `php` filter): inside
+    one, only a backslash and the quote itself are special."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def environment() -> jinja2.Environment:
     import jinja2  # here, not at the top: `inv --list` does not render templates
 
@@ -36,6 +42,7 @@ def environment() -> jinja2.Environment:
         autoescape=False,
     )
     env.globals["managed"] = jinja2.pass_context(_managed_header)
+    env.filters["php"] = php_literal
     return env
 
 

@@ -83,6 +83,14 @@ VMAIL_USER = "vmail"
 VMAIL_UID = 5000  # the same on every back end: they share the mail store
 GALERA_CHECK_PORT = 9200  # the Galera-aware health check the DB proxy asks
 DB_PROXY_PORTS = {"haproxy": 3306, "proxysql": 6033}
+# The DB proxy's reader path (fabfile/dbproxy.py): HAProxy has a second port that
+# balances over the Galera nodes that are not the writer; ProxySQL splits on its
+# one port with query rules (plain SELECTs of DB_READ_ONLY_USERS to the readers).
+DB_PROXY_READER_PORTS = {"haproxy": 3307, "proxysql": 6033}
+# The accounts whose reads may land on a non-writer node: lookups only (SELECT
+# grants), which never need to read their own writes. Roundcube and
+# Postfixadmin write and read back, so they stay on the writer.
+DB_READ_ONLY_USERS = ("postfix", "dovecot")
 FENCE_LAB_PORT = 1229  # the lab's power listener (fabfile/lab/fence.py)
 FENCE_LAB_SECRET = "fence_lab_secret"
 
@@ -118,6 +126,12 @@ def db_proxy_port(inv: Inventory) -> int:
     return DB_PROXY_PORTS[db_proxy_kind(inv)]
 
 
+def db_proxy_reader_port(inv: Inventory) -> int:
+    """Where the read-only lookups (DB_READ_ONLY_USERS) reach the DB proxy: the
+    reader port (HAProxy: non-writer nodes), ProxySQL's one port (query rules)."""
+    return DB_PROXY_READER_PORTS[db_proxy_kind(inv)]
+
+
 def db_proxy_hosts(inv: Inventory) -> list[str]:
     """Where the proxy runs: the hosts that carry the dbproxy VIP (mail_backend)."""
     vip = inv.vips.get("dbproxy")
@@ -142,6 +156,16 @@ def db_proxy_addresses(inv: Inventory, host: str) -> list[str]:
     the proxy runs on every back end and the VIP is nowhere)."""
     binds = db_proxy_binds(inv, host)
     return list(dict.fromkeys(binds[1:] + binds[:1]))
+
+
+def db_proxy_endpoint(inv: Inventory) -> str:
+    """Where a client that is not a proxy host (Roundcube on the front ends) reaches
+    the database proxy: the dbproxy VIP, else the first proxy host's service address."""
+    vip = inv.vips.get("dbproxy")
+    if vip is not None:
+        return str(vip.address)
+    hosts = db_proxy_hosts(inv)
+    return inv.service_address(hosts[0]) if hosts else ""
 
 
 def client_addresses(inv: Inventory, roles: tuple[str, ...]) -> list[str]:
@@ -173,9 +197,9 @@ class Account:
 def db_accounts(inv: Inventory) -> list[Account]:
     """Every MySQL account of the mail cluster, with the hosts it may connect from.
     The mail tier's clients go through the DB proxy, so the database sees the
-    proxy hosts (mail_backend); Roundcube may also connect from the webmail hosts."""
+    proxy hosts (mail_backend): Roundcube on the webmail hosts too. A grant's key is a
+    schema ("*" = global) or "schema.table"."""
     backends = tuple(client_addresses(inv, (MAIL_BACKEND,)))
-    webmail = tuple(client_addresses(inv, (WEBMAIL,)))
     out = []
     if inv.mail is not None and inv.mail.galera_flavour == "mariadb":  # PXC 8.0 manages its own SST user
         out.append(Account("sst", ("localhost",), "pxc_sst_password",
@@ -188,8 +212,11 @@ def db_accounts(inv: Inventory) -> list[Account]:
                 "Postfixadmin owns the postfix schema"),
         Account("postfix", backends, "mail_db_postfix", {MAIL_DB: ("SELECT",)}, "postfix lookups"),
         Account("dovecot", backends, "mail_db_dovecot", {MAIL_DB: ("SELECT",)}, "dovecot passdb/userdb"),
-        Account("roundcube", tuple(dict.fromkeys(backends + webmail)), "mail_db_roundcube",
-                {ROUNDCUBE_DB: APP_PRIVS}, "Roundcube's own schema"),
+        Account("roundcube", backends, "mail_db_roundcube", {ROUNDCUBE_DB: APP_PRIVS},
+                "Roundcube's own schema (it connects through the DB proxy, so Galera sees the proxy hosts)"),
+        Account("roundcube_password", backends, "mail_db_roundcube_password",
+                {f"{MAIL_DB}.mailbox": ("SELECT", "UPDATE")},
+                "Roundcube's password plugin: a mailbox's own password, in Postfixadmin's table only"),
     ]
     return out
 

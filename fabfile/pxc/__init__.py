@@ -51,7 +51,7 @@ from ..core.topology import (DATABASES, GALERA_CHECK_PORT, PKI_DIR, account_secr
 from ..core.wait import poll
 from .facts import (NULL_UUID, PRECREATED_TABLES, Decision, Formation, Node, bootstrap_commands, decide,
                     describe, formation, parse_grastate, parse_recovered, parse_status, read_node, recover_cmd,
-                    sql_changes, state_sql, tables_without_primary_key_sql)
+                    sql_changes, state_sql, table_grants_waiting, tables_without_primary_key_sql)
 from .flavours import FLAVOURS, Flavour, flavour, install_packages
 
 if TYPE_CHECKING:
@@ -223,13 +223,33 @@ def _config_newer_than_server(h: HostSession, flav: Flavour) -> bool:
 
 def _accounts(h: HostSession) -> None:
     inv = h.inv
-    changes = sql_changes(inv, h.read(mysql_e(state_sql(inv))), h.run.secret)
+    state = h.read(mysql_e(state_sql(inv)))
+    changes = sql_changes(inv, state, h.run.secret)
+    waiting = table_grants_waiting(inv, state)
+    if waiting:
+        h.ok(f"grants on {', '.join(waiting)} wait for the table (the mail tier makes it; "
+             "deploy.mail grants them after it)")
     if not changes:
         h.ok(f"databases {', '.join(DATABASES)} and {len(db_accounts(inv))} accounts as wanted")
         return
     for stmt, what in changes:
         # The statement carries password hashes only; it goes through stdin, not the command line.
         h.sh(mysql(), stdin=stmt + ";\n", message=what)
+
+
+def table_grants(run: Run) -> None:
+    """The accounts step again, once the mail tier made Postfixadmin's tables: the
+    grants on single tables (Roundcube's password plugin on postfix.mailbox)."""
+    if run.inv.mail is None or not galera_nodes(run.inv) or not run.hosts("galera"):
+        return
+    try:
+        node = run.answering(galera_nodes(run.inv), what="Galera node", probe=mysql_e("SELECT 1;"))
+    except UserError:
+        if not run.check:
+            raise
+        run.report.note("pxc: would grant on the mail schema's tables once the cluster answers")
+        return
+    run.step("pxc: grants on the mail schema's tables", [node.name], _accounts)
 
 
 def wait_node(h: HostSession, until, what: str, timeout: float = SYNC_TIMEOUT) -> Node:

@@ -6,7 +6,8 @@ the end of the session, failures included, with the hosts' disks (the cached roo
 and the package cache stay). What an earlier run left on the hosts' disks is no
 evidence for this one: a test run proves a deploy onto fresh hosts.
 HASTACK_LAB_REUSE=1 keeps running hosts and disks instead (quicker while working
-on one tier; a lab restarted from its disks gets the Galera cold start).
+on one tier; a lab restarted from its disks gets the Galera cold start), and
+leaves a lab that was already running up at the end.
 
 Order: the lab's own checks (test_lab.py) run first, on fresh hosts, then
 `inv deploy.all` onto them (test_deploy.py), then the tier tests; tests marked
@@ -59,10 +60,14 @@ def lab():
         pytest.skip("lab tests need root (namespaces, bridges, mounts, containers): run them as root")
     hosts = LabHosts(load(lab_inventory_path()))
     fresh = os.environ.get("HASTACK_LAB_REUSE") != "1"
+    started = True
     try:
         if fresh:
             hosts.down(disks=True)
-        hosts.up()
+        started = bool(hosts.up()["started"])
         yield hosts
     finally:
-        hosts.down(disks=fresh)
+        # A reused lab that was already running is left running (its owner takes
+        # it down); what this session started, it takes down.
+        if fresh or started:
+            hosts.down(disks=fresh)

@@ -153,6 +153,17 @@ inv_case("mail domain injection", setp("mail.domain", "lab.test;id"), ["mail.dom
 inv_case("xmpp domain invalid", setp("xmpp.domain", "xmpp lab"), ["xmpp.domain", "not a DNS name"])
 inv_case("xmpp admin with space", setp("xmpp.admins", ["ad min"]), ["xmpp.admins", "'ad min'"])
 inv_case("xmpp admin injection", setp("xmpp.admins", ["x;id"]), ["xmpp.admins", "'x;id'"])
+inv_case("webmail plugin not shipped", setp("webmail.plugins", ["password", "carddav"]),
+         ["webmail.plugins.1", "'carddav' is not a Roundcube plugin Debian ships"])
+inv_case("webmail client network unknown", setp("webmail.client_networks", ["internet"]),
+         ["webmail.client_networks.0", "unknown network 'internet'"])
+inv_case("webmail product name with a newline", setp("webmail.product_name", "Lab\nmail"),
+         ["webmail.product_name", "control characters"])
+inv_case("mail postmaster not a mailbox", setp("mail.postmaster", "a b"), ["mail.postmaster", "not a mailbox"])
+inv_case("webmail without the mail VIP", lambda d: d["vips"].pop("mail"),
+         ["vips.mail is missing", "Roundcube reaches IMAP and SMTP on the mail VIP"], argv=["webmail.deploy"])
+inv_case("deploy.all without the mail VIP's name", lambda d: d["vips"]["mail"].pop("names"),
+         ["vips.mail.names is empty"], argv=["deploy.all"])
 inv_case("lab bridge prefix too long", setp("lab.bridge_prefix", "toolongprefix"), ["lab.bridge_prefix", "is not valid here"])
 inv_case("a host that is not a mapping", setp("hosts.pxc1", "galera"), ["hosts.pxc1"])
 inv_case("networks not a mapping", setp("networks", ["mgmt"]), ["networks", "valid dictionary"])

@@ -55,7 +55,7 @@ def test_rows_name_known_roles_and_protocols():
             if isinstance(a.sources, tuple):
                 assert set(a.sources) <= set(ROLES), (role, a)
             else:
-                assert a.sources in (flows.ANYONE, flows.MGMT, flows.LOCAL_NETS), (role, a)
+                assert a.sources in (flows.ANYONE, flows.MGMT, flows.LOCAL_NETS, flows.WEBMAIL_CLIENTS), (role, a)
             assert a.why and '"' not in a.why and len(a.why) < 200
 
 
@@ -124,7 +124,7 @@ def test_mail_cluster_rules(lab):
     proxy = [line for line in pf1 if "-d 10.200.11.116/32" in line]
     assert {line.split()[3] for line in proxy} == {
         "10.200.11.111/32", "10.200.11.112/32", "10.200.11.114/32", "10.200.11.115/32"}
-    assert all("--dport 3306 " in line for line in proxy)
+    assert all("--dports 3306,3307 " in line for line in proxy)  # writer and reader ports
     # no DRBD in the lab (storage: none), DRBD on Vagrant
     assert not any("7788" in line for line in pf1)
     vagrant = load(ROOT / "inventory/vagrant.yml")
@@ -133,12 +133,14 @@ def test_mail_cluster_rules(lab):
     pxc = lines(lab, "pxc1")
     galera = {line.split()[3] for line in pxc if "3306,4444,4567,4568" in line}
     assert galera == {"10.200.11.121/32", "10.200.11.122/32"}
+    # MySQL from the DB proxy hosts only: Roundcube on the front ends goes through the proxy
     mysql = {line.split()[3] for line in pxc if "--dport 3306 " in line}
-    assert mysql == {"10.200.11.111/32", "10.200.11.112/32", "10.200.11.113/32", "10.200.11.114/32",
-                     "10.200.11.115/32"}
+    assert mysql == {"10.200.11.113/32", "10.200.11.114/32", "10.200.11.115/32"}
     ngx = lines(lab, "ngx01")
     assert any("-s 10.200.11.112/32 -p vrrp" in line for line in ngx)
-    assert any("--dports 80,443 " in line and "-s 10.200.11.0/24" in line for line in ngx)
+    # the webmail VIP from webmail.client_networks (the mail network), and nothing else on 80/443
+    web = [line for line in ngx if "80,443" in line]
+    assert web and all("-s 10.200.11.0/24 -d 10.200.11.100/32 " in line for line in web), web
 
 
 def test_no_whole_network_source_for_role_rows(lab):

@@ -72,3 +72,26 @@ def test_listing_and_help_import_no_heavy_library(args):
     out = subprocess.run([sys.executable, "-c", SHOWN_ONLY, *args], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "heavy: []", f"{args}: {out.stdout.splitlines()[-1]}"
+
+
+def test_a_run_stopped_by_an_error_never_ends_with_nothing_to_do(tmp_path):
+    """A chain stopped by a refusal (the Galera cluster needs `pxc.bootstrap`) after
+    only ok results: the summary says it stopped, not that everything is as it should be."""
+    import io
+
+    from fabfile.core.report import Report
+
+    out = io.StringIO()
+    report = Report("deploy.all", log_dir=tmp_path, file=out)
+    report.result("pxc1", "ok", "packages")
+    report.recap(stopped="mail: the Galera cluster has no Primary component; run `inv pxc.bootstrap`\nmore")
+    text = out.getvalue()
+    assert "nothing to do" not in text
+    assert "1 ok, 0 changed, 0 failed on 1 hosts; stopped early: mail: the Galera cluster has no Primary" in text
+    report.close()
+    out = io.StringIO()
+    report = Report("deploy.all", log_dir=tmp_path, file=out)
+    report.result("pxc1", "ok", "packages")
+    report.recap()
+    assert "nothing to do, everything already as it should be" in out.getvalue()
+    report.close()
