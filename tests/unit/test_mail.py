@@ -19,7 +19,7 @@ from fabfile import mail
 from fabfile.core import Result, templates, topology
 from fabfile.core.errors import UserError
 from fabfile.core import flows
-from fabfile.core.inventory import InventoryError, load, parse
+from fabfile.core.inventory import InventoryError, load
 from fabfile.core.secrets import Secrets
 from fabfile.core.sql import my_literal
 from fabfile.core.testing import RecordingRun, files_present

@@ -222,7 +222,8 @@ RUNNING = [(r"^systemctl is-enabled", Result(stdout="enabled\n")), (r"^systemctl
 
 
 def test_configure_converged_changes_nothing_and_fresh_writes_every_file():
-    run = recording({"ngx01": [(r"^stat -c '%U:%G:%a' /var/lib/roundcube/plugins/hastack_anonymous$", Result(stdout="root:root:755\n")),
+    plugin_dir = (r"^stat -c '%U:%G:%a' /var/lib/roundcube/plugins/hastack_anonymous$", Result(stdout="root:root:755\n"))
+    run = recording({"ngx01": [plugin_dir,
                                webmail_files("ngx01"),
                                (r"^test \"\$\(readlink", Result()),
                                (r"^! test -e /etc/nginx/sites-enabled/default$", Result()), *RUNNING]})
@@ -243,7 +244,8 @@ SHIPPED = (r"^grep -ho .*mysql.initial.sql", Result(stdout="'roundcube-version',
 def test_schema_created_once_when_the_database_is_empty():
     run = recording({"ngx01": [
         (r"^test -s /etc/roundcube/hastack-client.cnf$", Result()),
-        (r"^mysql .* roundcube$", lambda cmd, stdin: Result(exited=1, stderr="ERROR 1146: Table 'roundcube.system' doesn't exist")
+        (r"^mysql .* roundcube$",
+         lambda cmd, stdin: Result(exited=1, stderr="ERROR 1146: Table 'roundcube.system' doesn't exist")
          if "roundcube-version" in (stdin or "") else Result()),
         SHIPPED]})
     h = run.session("ngx01")
