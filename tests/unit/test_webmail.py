@@ -294,3 +294,18 @@ def test_deploy_mail_runs_webmail_after_the_mail_tier_and_its_table_grant_then_i
     assert [(t.names, t in deploy.MAIL) for t in vips] == [(("webmail",), True), (("xmpp",), False)]
     assert deploy.MAIL.index(vips[0]) > deploy.MAIL.index(webmail)
     assert keepalived not in deploy.XMPP + deploy.MAIL  # never all VIPs at once from one chain
+
+
+def test_dry_run_on_fresh_front_ends_changes_nothing_and_says_what_it_would_do():
+    """`deploy.all --check` before anything exists: no certificate, no packages,
+    no schema; every step still runs, nothing is changed, the would-be changes are shown."""
+    run = RecordingRun(LAB, check=True, secrets={"mail_db_roundcube": "x", "mail_db_roundcube_password": "y"})
+    webmail.converge(run)
+    changing = [(h, c) for h, c in run.all_commands()
+                if not re.match(r"(test |stat |dpkg-query |systemctl (is-|show)|grep |readlink|! test |"
+                                r"mysql .*system|ip -o|cat |sha256sum )", c)]
+    assert changing == [], changing
+    out = run.output
+    assert "ngx01.crt is missing: `inv pki.deploy` would issue it" in out
+    assert "would create Roundcube's schema" in out
+    assert "would run: install curl mariadb-client nginx php-fpm" in out
