@@ -84,6 +84,7 @@ def connects_from_machine(address: str, port: int) -> bool:
 # (target host, port, allowed source, target address network of the allowed
 #  source, refused source, target address network for the refused source)
 # A source of "machine" connects from this machine over the management network.
+# A target "@VIP" is the host holding that VIP; the network "vip" its address.
 SAMPLE = [
     # ejabberd
     ("e1server", 4369, "e2server", "dmz", "gw1server", "dmz"),
@@ -106,24 +107,24 @@ SAMPLE = [
     ("mon1server", 3000, "machine", "mgmt", "bk1server", "internal"),
     # spare: nothing but SSH and ping
     ("r1server", 9100, None, None, "mon1server", "internal"),
-    # webmail
-    ("ngx01", 443, "postfix01", "mail", "machine", "mgmt"),
-    ("ngx01", 80, "pxc3", "mail", "e1server", "mgmt"),
+    # webmail: 80/443 on the webmail VIP only ("@webmail": the front end holding it)
+    ("@webmail", 443, "postfix01", "vip", "machine", "mgmt"),
+    ("@webmail", 80, "pxc3", "vip", "pxc3", "mail"),
     # mail back ends
     ("postfix01", 25, "pxc1", "mail", "machine", "mgmt"),
     ("postfix01", 993, "ngx02", "mail", "e1server", "mgmt"),
     ("postfix01", 2224, "postfix02", "mail", "ngx01", "mail"),
     # Galera
     ("pxc1", 4567, "pxc2", "mail", "ngx01", "mail"),
-    ("pxc1", 3306, "ngx01", "mail", "machine", "mgmt"),
+    ("pxc1", 3306, "postfix01", "mail", "ngx01", "mail"),  # Roundcube goes through the DB proxy
     # SSH: from the management network only
     ("psql1server", 22, "e1server", "mgmt", "bk1server", "internal"),
     ("e1server", 22, "machine", "mgmt", "gw1server", "dmz"),
 ]
 
 
-def _check(lab, src, target, net, port) -> bool:
-    address = lab.address(target, net)
+def _check(lab, src, target, net, port, vip=None) -> bool:
+    address = str(lab.inv.vips[vip].address) if net == "vip" else lab.address(target, net)
     if src == "machine":
         return connects_from_machine(address, port)
     return connects(lab, src, address, port)
@@ -151,11 +152,17 @@ def test_rules_files_and_netfilter_persistent(deployed):
 @pytest.mark.parametrize("target,port,good,good_net,bad,bad_net", SAMPLE,
                          ids=[f"{t}:{p}" for t, p, *_ in SAMPLE])
 def test_port_open_from_allowed_and_closed_from_others(deployed, target, port, good, good_net, bad, bad_net):
+    vip = None
+    if target.startswith("@"):
+        vip = target[1:]
+        holders = deployed.vip_holders(vip)
+        assert holders, f"no host holds the {vip} VIP"
+        target = holders[0]
     started = listen(deployed, target, port)
     try:
         with ThreadPoolExecutor(2) as pool:
-            ok = pool.submit(_check, deployed, good, target, good_net, port) if good else None
-            refused = pool.submit(_check, deployed, bad, target, bad_net, port) if bad else None
+            ok = pool.submit(_check, deployed, good, target, good_net, port, vip) if good else None
+            refused = pool.submit(_check, deployed, bad, target, bad_net, port, vip) if bad else None
             if ok is not None:
                 assert ok.result(), f"{good} cannot reach {target}:{port} on {good_net}, but it should"
             if refused is not None:
