@@ -416,11 +416,13 @@ class HostSession:
 
     def service(self, name: str, *, enabled: bool = True, running: bool = True,
                 restart: bool = False, reload: bool = False) -> None:
-        """Converge a systemd unit; ``restart``/``reload`` when its config changed."""
+        """Converge a systemd unit; ``restart``/``reload`` when its config changed.
+        Its state is one probe (`systemctl show`), not one per question."""
         u = q(name)
-        is_enabled = self.probe(f"systemctl is-enabled {u}").stdout.strip() == "enabled"
-        is_active = self.probe(f"systemctl is-active {u}").ok
-        skipped = running and not is_active and self._still_skipped(u)
+        state = self.unit_state(name)
+        is_enabled = state.get("UnitFileState") == "enabled"
+        is_active = state.get("ActiveState") in ("active", "reloading")
+        skipped = running and not is_active and self._skipped(u, state)
         if skipped:  # e.g. timesyncd in a container: the unit says it does not apply here
             running = False
         if enabled != is_enabled:
@@ -432,23 +434,27 @@ class HostSession:
         elif running and (restart or reload):
             self.sh(f"systemctl {'reload' if reload and not restart else 'restart'} {u}")
         elif enabled == is_enabled:
-            state = "skipped by its unit conditions" if skipped else "running" if running else "stopped"
-            self.ok(f"service {name} {state}")
+            state_word = "skipped by its unit conditions" if skipped else "running" if running else "stopped"
+            self.ok(f"service {name} {state_word}")
 
-    def _still_skipped(self, unit: str) -> bool:
-        """True when systemd skips the unit for its conditions (ConditionResult=no),
-        even now: a unit skipped before its config existed is tried again, since
-        systemd evaluates the conditions afresh on every start."""
-        def skipped() -> bool:
-            props = self.probe(f"systemctl show -p ConditionResult -p ConditionTimestampMonotonic {unit}").stdout
-            return "ConditionResult=no" in props and "ConditionTimestampMonotonic=0" not in props
+    UNIT_PROPERTIES = ("LoadState", "UnitFileState", "ActiveState", "ConditionResult", "ConditionTimestampMonotonic")
 
-        if not skipped():
+    def unit_state(self, name: str) -> dict[str, str]:
+        """A unit's properties that `service` decides on, read in one probe."""
+        props = " ".join(f"-p {p}" for p in self.UNIT_PROPERTIES)
+        out = self.probe(f"systemctl show {props} {q(name)}").stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def _skipped(self, unit: str, state: dict[str, str]) -> bool:
+        """True when systemd skipped the unit's last start for its conditions
+        (ConditionResult=no) and they still fail now: a unit skipped before its
+        config existed (ConditionFileNotEmpty=...) is started again, a unit that
+        does not apply here (ConditionVirtualization=!container) is left alone
+        without trying it on every run. `systemd-analyze condition` evaluates
+        the unit's conditions without starting anything."""
+        if state.get("ConditionResult") != "no" or state.get("ConditionTimestampMonotonic", "0") == "0":
             return False
-        if self.run.check:
-            return True
-        self.probe(f"systemctl start {unit}")
-        return not self.probe(f"systemctl is-active {unit}").ok and skipped()
+        return not self.probe(f"systemd-analyze condition --unit={unit} >/dev/null 2>&1").ok
 
     # --- files --------------------------------------------------------------
 

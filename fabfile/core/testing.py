@@ -26,6 +26,10 @@ from .remote import HostSession, Result, Run
 from .report import Report
 from .secrets import Secrets
 
+# `HostSession.unit_state`'s probe (see RecordingHost._unit_show).
+UNIT_SHOW = re.compile(r"^systemctl show -p LoadState -p UnitFileState -p ActiveState -p ConditionResult "
+                       r"-p ConditionTimestampMonotonic (\S+)$")
+
 # The moves `HostSession.put` makes around an upload succeed unless a rule says otherwise.
 PUT_STEPS = re.compile(r'^(mkdir -p "\$\(dirname |chown \S+ \S+\.hastack-new |mv -f |rm -f |cp -a )')
 
@@ -81,12 +85,28 @@ class RecordingHost(HostSession):
             r = self.responder(self, cmd, stdin)
             if r is not None:
                 return r
+        m = UNIT_SHOW.match(cmd)
+        if m:
+            return self._unit_show(m[1])
         for pattern, result in self.rules:
             if re.search(pattern, cmd):
                 return result(cmd, stdin) if callable(result) else result
         if self._changing or PUT_STEPS.search(cmd):
             return Result()
         return Result(exited=1)
+
+    def _unit_show(self, unit: str) -> Result:
+        """`HostSession.unit_state`'s one `systemctl show`, answered from what the
+        rules say to the questions a test states facts with: `systemctl
+        is-enabled UNIT` (its stdout), `systemctl is-active UNIT` (its exit
+        status) and `systemctl show -p ConditionResult ... UNIT`."""
+        enabled = self.answer(f"systemctl is-enabled {unit}", None)
+        active = self.answer(f"systemctl is-active {unit}", None)
+        cond = self.answer(f"systemctl show -p ConditionResult -p ConditionTimestampMonotonic {unit}", None)
+        lines = [f"UnitFileState={enabled.stdout.strip() if enabled.ok or enabled.stdout.strip() else 'disabled'}",
+                 f"ActiveState={'active' if active.ok else 'inactive'}"]
+        lines += [line for line in cond.stdout.splitlines() if "=" in line] if cond.ok else []
+        return Result(stdout="\n".join(lines) + "\n")
 
     def _exec(self, cmd: str, *, stdin: str | None = None, timeout: float | None = None) -> Result:
         self.commands.append(cmd)

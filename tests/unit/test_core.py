@@ -134,3 +134,31 @@ def test_a_host_that_never_sends_its_ssh_banner_is_one_line_not_a_traceback(tmp_
                          timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert "cannot reach every host" in out.stdout and "h1 (127.0.0.1:" in out.stdout, out.stdout + out.stderr
     assert "Traceback" not in out.stderr and "paramiko" not in out.stderr, out.stderr
+
+
+def test_service_reads_a_units_state_in_one_probe():
+    run = RecordingRun(load(Path(__file__).resolve().parents[2] / "inventory/lab.yml"), answers={"pxc1": [
+        (r"^systemctl show ", Result(stdout="LoadState=loaded\nUnitFileState=enabled\nActiveState=active\n"
+                                            "ConditionResult=yes\nConditionTimestampMonotonic=123\n"))]})
+    h = run.session("pxc1")
+    h.service("nginx")
+    assert h.commands == ["systemctl show -p LoadState -p UnitFileState -p ActiveState -p ConditionResult "
+                          "-p ConditionTimestampMonotonic nginx"]
+    assert h.reported("ok") == ["service nginx running"]
+
+
+@pytest.mark.parametrize("conditions_now, started", [(False, False), (True, True)])
+def test_a_unit_skipped_for_its_conditions_is_started_only_when_they_pass_now(conditions_now, started):
+    """timesyncd in a container (ConditionVirtualization=!container) is left alone
+    with no start tried on every run; keepalived skipped before its config existed
+    (ConditionFileNotEmpty=) is started once its conditions pass."""
+    show = Result(stdout="LoadState=loaded\nUnitFileState=enabled\nActiveState=inactive\n"
+                         "ConditionResult=no\nConditionTimestampMonotonic=123\n")
+    run = RecordingRun(load(Path(__file__).resolve().parents[2] / "inventory/lab.yml"), answers={"pxc1": [
+        (r"^systemctl show ", show),
+        (r"^systemd-analyze condition --unit=unit1 ", Result(exited=0 if conditions_now else 1))]})
+    h = run.session("pxc1")
+    h.service("unit1")
+    assert h.changes == (["systemctl start unit1"] if started else [])
+    if not started:
+        assert h.reported("ok") == ["service unit1 skipped by its unit conditions"]
