@@ -192,16 +192,7 @@ def configure(h: HostSession) -> None:
                    f"{RC_ETC}/plugins/{plugin}/config.inc.php", v, group="www-data", mode="0640", validate=php)
     h.template("webmail/etc/roundcube/hastack-client.cnf.j2", CLIENT_CNF, v, mode="0600")
     fpm = h.template("webmail/etc/php/8.2/fpm/conf.d/90-hastack.ini.j2", "/etc/php/8.2/fpm/conf.d/90-hastack.ini", v)
-    site = h.template("webmail/etc/nginx/sites-available/roundcube.j2", "/etc/nginx/sites-available/roundcube", v)
-    h.ensure("test \"$(readlink /etc/nginx/sites-enabled/roundcube)\" = /etc/nginx/sites-available/roundcube",
-             "ln -sfn /etc/nginx/sites-available/roundcube /etc/nginx/sites-enabled/roundcube",
-             "nginx site roundcube enabled")
-    h.ensure("! test -e /etc/nginx/sites-enabled/default", "rm -f /etc/nginx/sites-enabled/default",
-             "nginx default site disabled")
-    if site and not h.run.check:
-        r = h.probe("nginx -t")
-        if not r.ok:
-            raise HostFailed(f"`nginx -t` refused the new site:\n{r.stderr.strip()}")
+    site = h.nginx_site("roundcube", "webmail/etc/nginx/sites-available/roundcube.j2", v)
     h.service(PHP_FPM, restart=fpm)
     h.service("nginx", reload=site)
 

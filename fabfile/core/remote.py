@@ -437,6 +437,22 @@ class HostSession:
             state_word = "skipped by its unit conditions" if skipped else "running" if running else "stopped"
             self.ok(f"service {name} {state_word}")
 
+    def nginx_site(self, name: str, template: str, vars: dict) -> bool:
+        """An nginx site rendered from configs/<template> into sites-available/<name>
+        and enabled, with Debian's default site disabled; after a change `nginx -t`
+        checks the whole configuration. Returns whether the site file changed."""
+        available, enabled = f"/etc/nginx/sites-available/{name}", f"/etc/nginx/sites-enabled/{name}"
+        changed = self.template(template, available, vars)
+        self.ensure(f"test \"$(readlink {q(enabled)})\" = {q(available)}", f"ln -sfn {q(available)} {q(enabled)}",
+                    f"nginx site {name} enabled")
+        self.ensure("! test -e /etc/nginx/sites-enabled/default", "rm -f /etc/nginx/sites-enabled/default",
+                    "nginx default site disabled")
+        if changed and not self.run.check:
+            r = self.probe("nginx -t")
+            if not r.ok:
+                raise HostFailed(f"`nginx -t` refused the new site:\n{r.stderr.strip()}")
+        return changed
+
     UNIT_PROPERTIES = ("LoadState", "UnitFileState", "ActiveState", "ConditionResult", "ConditionTimestampMonotonic")
 
     def unit_state(self, name: str) -> dict[str, str]:

@@ -185,20 +185,11 @@ def web(h: HostSession) -> None:
     cfg |= h.template("mail/etc/postfixadmin/config.local.php.j2", "/etc/postfixadmin/config.local.php", v,
                       group="www-data", mode="0640", validate="php -l {} >/dev/null")
     h.template("mail/etc/postfixadmin/hastack-client.cnf.j2", PFA_CLIENT_CNF, v, mode="0600")
-    site = h.template("mail/etc/nginx/sites-available/postfixadmin.j2", "/etc/nginx/sites-available/postfixadmin", v)
-    h.ensure("test \"$(readlink /etc/nginx/sites-enabled/postfixadmin)\" = /etc/nginx/sites-available/postfixadmin",
-             "ln -sfn /etc/nginx/sites-available/postfixadmin /etc/nginx/sites-enabled/postfixadmin",
-             "nginx site postfixadmin enabled")
-    h.ensure("! test -e /etc/nginx/sites-enabled/default", "rm -f /etc/nginx/sites-enabled/default",
-             "nginx default site disabled")
+    site = h.nginx_site("postfixadmin", "mail/etc/nginx/sites-available/postfixadmin.j2", v)
     h.ensure("test -d /var/cache/postfixadmin/templates_c && "
              "test \"$(stat -c %U /var/cache/postfixadmin/templates_c)\" = www-data",
              "install -d -o www-data -g www-data -m 0750 /var/cache/postfixadmin/templates_c",
              "/var/cache/postfixadmin/templates_c writable by php-fpm")
-    if site and not h.run.check:
-        r = h.probe("nginx -t")
-        if not r.ok:
-            raise HostFailed(f"`nginx -t` refused the new site:\n{r.stderr.strip()}")
     h.service(PHP_FPM, restart=cfg)
     h.service("nginx", reload=site)
 
