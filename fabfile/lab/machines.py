@@ -414,16 +414,31 @@ def power_off(plan: Plan, host: str, timeout: float = 30) -> None:
 def remove_cgroups(plan: Plan, host: str) -> None:
     """Kill whatever is still in the host's cgroups (nothing, normally) and remove them."""
     for cg in cgroup_dirs(plan, host):
-        left = [int(p) for f in cg.rglob("cgroup.procs") for p in f.read_text().split()] if cg.is_dir() else []
+        clear_cgroup_tree(cg)
+
+
+def clear_cgroup_tree(path: Path, timeout: float = 10) -> None:
+    """Empty a cgroup tree and remove it. A killed process stays in its cgroup
+    until it has exited, and rmdir answers EBUSY until then: so kill, try the
+    rmdir, and poll until the tree is gone (or the time is up)."""
+    def gone() -> bool:
+        if not path.is_dir():
+            return True
+        left = [int(p) for f in path.rglob("cgroup.procs") for p in f.read_text().split()]
         if left:
             stop_pids(left, grace=0)
-        rmdir_tree(cg)
+        rmdir_tree(path)
+        return not path.is_dir()
+
+    with contextlib.suppress(TimedOut):
+        poll(gone, bool, timeout=timeout, interval=0.1, what=f"cgroup {path} to be removed")
 
 
 def remove_cgroup_parent() -> None:
+    """The lab's parent cgroups, with whatever is left below them (a host the
+    inventory no longer names, a crashed run's payload cgroup)."""
     for hierarchy in CGROUP_HIERARCHIES:
-        with contextlib.suppress(OSError):
-            (CGROUP_ROOT / hierarchy / "hastack-lab").rmdir()
+        clear_cgroup_tree(CGROUP_ROOT / hierarchy / "hastack-lab")
 
 
 # --------------------------------------------------------------------------
