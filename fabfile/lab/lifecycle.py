@@ -157,6 +157,7 @@ def _down(plan: Plan, purge: bool, disks: bool) -> list[str]:
         done.append(f"{len(pids)} containers")
     for host in known:  # anything still in the hosts' cgroups (nothing, normally)
         machines.remove_cgroups(plan, host)
+    machines.remove_stray_cgroups(plan)
     machines.remove_cgroup_parent()
     # 2. the apt proxy and the fence listener
     fence = fence_listener_pids(plan)

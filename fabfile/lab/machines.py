@@ -434,11 +434,23 @@ def clear_cgroup_tree(path: Path, timeout: float = 10) -> None:
         poll(gone, bool, timeout=timeout, interval=0.1, what=f"cgroup {path} to be removed")
 
 
-def remove_cgroup_parent() -> None:
-    """The lab's parent cgroups, with whatever is left below them (a host the
-    inventory no longer names, a crashed run's payload cgroup)."""
+def remove_stray_cgroups(plan: Plan) -> None:
+    """This lab's cgroups of hosts no longer known (a crashed run, a host taken
+    out of the inventory): only those named with this lab's prefix."""
     for hierarchy in CGROUP_HIERARCHIES:
-        clear_cgroup_tree(CGROUP_ROOT / hierarchy / "hastack-lab")
+        parent = CGROUP_ROOT / hierarchy / "hastack-lab"
+        for cg in sorted(parent.glob(f"{plan.prefix}-*")) if parent.is_dir() else ():
+            clear_cgroup_tree(cg)
+
+
+def remove_cgroup_parent() -> None:
+    """The parent cgroup all labs share, once no lab has a host below it (another
+    lab, with its own bridge prefix, may still be running there: never touched)."""
+    for hierarchy in CGROUP_HIERARCHIES:
+        parent = CGROUP_ROOT / hierarchy / "hastack-lab"
+        if parent.is_dir() and not any(p.is_dir() for p in parent.iterdir()):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
 # --------------------------------------------------------------------------
