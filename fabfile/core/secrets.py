@@ -21,6 +21,28 @@ def token(length: int = 32) -> str:
     return "".join(_random.choice(alphabet) for _ in range(length))
 
 
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def stable_bcrypt(password: str, purpose: str, rounds: int = 10) -> str:
+    """A bcrypt hash ($2b$) of ``password`` whose salt is derived from the
+    password and ``purpose``: the file it lands in renders the same on every run
+    (a random salt would rewrite it each time). Fine for generated secrets,
+    which are random themselves; never for passwords people choose."""
+    import base64
+    import hashlib
+
+    import bcrypt  # here, not at the top: `inv --list` hashes nothing
+
+    seed = hashlib.sha256(f"{purpose}:".encode() + password.encode()).digest()
+    raw = base64.b64encode(seed[:16]).decode().rstrip("=")
+    std = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    salt = raw.translate(str.maketrans(std, _BCRYPT_ALPHABET))[:22]
+    # the last character carries only 2 bits: keep it canonical
+    salt = salt[:21] + _BCRYPT_ALPHABET[_BCRYPT_ALPHABET.index(salt[21]) & 0x30]
+    return bcrypt.hashpw(password.encode(), f"$2b${rounds:02d}${salt}".encode()).decode()
+
+
 class Secrets:
     def __init__(self, path: Path, *, persist: bool = True):
         self.path = Path(path)

@@ -4,12 +4,11 @@ and the database reached through the DB proxy from a back end."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
 from typing import TYPE_CHECKING
 
 from ..core import HostFailed, UserError, q, topology
+from ..core.secrets import stable_bcrypt
 from ..core.sql import my_literal, mysql, mysql_e
 
 if TYPE_CHECKING:
@@ -68,25 +67,10 @@ NO_PK_SQL = (
 
 # --- hashes -------------------------------------------------------------------------------
 
-_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-
-
-def _bcrypt_salt(seed: bytes, rounds: int = 10) -> bytes:
-    raw = base64.b64encode(seed[:16]).decode().rstrip("=")
-    std = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-    salt = raw.translate(str.maketrans(std, _BCRYPT_ALPHABET))[:22]
-    # the last character carries only 2 bits: keep it canonical
-    salt = salt[:21] + _BCRYPT_ALPHABET[_BCRYPT_ALPHABET.index(salt[21]) & 0x30]
-    return f"$2b${rounds:02d}${salt}".encode()
-
-
 def setup_password_hash(password: str) -> str:
     """PHP's password_hash() form of the setup password (bcrypt, $2y$), with a
     salt derived from the password so the rendered config is stable across runs."""
-    import bcrypt  # here, not at the top: `inv --list` hashes nothing
-
-    salt = _bcrypt_salt(hashlib.sha256(b"postfixadmin-setup:" + password.encode()).digest())
-    return bcrypt.hashpw(password.encode(), salt).decode().replace("$2b$", "$2y$", 1)
+    return stable_bcrypt(password, "postfixadmin-setup").replace("$2b$", "$2y$", 1)
 
 
 def mailbox_hash(password: str) -> str:
