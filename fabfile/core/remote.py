@@ -428,7 +428,10 @@ class HostSession:
         if enabled != is_enabled:
             self.sh(f"systemctl {'enable' if enabled else 'disable'} {u}")
         if running and not is_active:
-            self.sh(f"systemctl start {u}")
+            # a unit that failed (e.g. started by its package before its config was
+            # there) may have hit its start limit: forget that first
+            reset = f"systemctl reset-failed {u}; " if state.get("ActiveState") == "failed" else ""
+            self.sh(f"{reset}systemctl start {u}")
         elif not running and is_active:
             self.sh(f"systemctl stop {u}")
         elif running and (restart or reload):

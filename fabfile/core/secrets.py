@@ -3,6 +3,7 @@ git-ignored), reused on every later run. Nothing secret lives in the repo."""
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets as _random
 import stat
@@ -24,6 +25,7 @@ def token(length: int = 32) -> str:
 _BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 
+@functools.lru_cache(maxsize=256)
 def stable_bcrypt(password: str, purpose: str, rounds: int = 10) -> str:
     """A bcrypt hash ($2b$) of ``password`` whose salt is derived from the
     password and ``purpose``: the file it lands in renders the same on every run

@@ -16,9 +16,12 @@ __all__ = ["APT_UPDATE", "Result", "q", "join", "retry_loop"]
 # the middle of a reply (all of apt's methods idle, apt waiting): bound each try
 # and try again, instead of hanging the whole run. A try may take 300 s (fresh
 # package lists through a slow link took longer than 120 s three times over);
-# no translations are fetched (half of the download, never used).
-APT_UPDATE = ("for try in 1 2 3; do timeout 300 apt-get update -q -o Acquire::Languages=none && break; "
-              "[ $try = 3 ] && exit 1; sleep 2; done")
+# no translations are fetched (half of the download, never used). A connection
+# that stays silent for 30 s fails at once (Acquire::http::Timeout) instead of
+# waiting for the 300 s: apt-cacher-ng, asked for the same InRelease by many
+# hosts in the same second, sometimes never answers one of them.
+APT_UPDATE = ("for try in 1 2 3; do timeout 300 apt-get update -q -o Acquire::Languages=none "
+              "-o Acquire::http::Timeout=30 && break; [ $try = 3 ] && exit 1; sleep 2; done")
 
 
 @dataclass
