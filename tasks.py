@@ -5,11 +5,13 @@ from invoke import Collection
 from fabfile import base, deploy, firewall, gateway, lab, pki
 from fabfile import ejabberd, keepalived, postgres
 from fabfile import dbproxy, mail, pxc
-from fabfile import cluster, drbd, webmail
+from fabfile import cluster, drbd, monitoring, webmail
+from fabfile import status
 from fabfile.core.tasks import CONFIG_DEFAULTS
 
 ns = Collection()
 ns.configure(CONFIG_DEFAULTS)
 for module in (lab, base, gateway, firewall, pki, postgres, ejabberd, keepalived, pxc, dbproxy, mail, drbd, cluster, webmail,
-               deploy):
+               monitoring, deploy):
     ns.add_collection(Collection.from_module(module))
+ns.add_task(status.status)  # `inv status`: every tier in one table

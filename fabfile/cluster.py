@@ -506,7 +506,7 @@ def online_node(run: Run) -> HostSession:
                          probe="crm_mon -1 >/dev/null")
 
 
-@runbook
+@runbook(readonly=True)
 def status(run):
     """Show the cluster: nodes, resources and where they run (crm_mon -1)."""
     node = online_node(run).name

@@ -82,7 +82,7 @@ PROXYSQL_RELOAD = (
     "LOAD MYSQL VARIABLES FROM CONFIG", "LOAD MYSQL VARIABLES TO RUNTIME", "SAVE MYSQL VARIABLES TO DISK",
     "LOAD MYSQL QUERY RULES FROM CONFIG", "LOAD MYSQL QUERY RULES TO RUNTIME", "SAVE MYSQL QUERY RULES TO DISK",
 )
-NOT_PROXIED = ("sst", "monitor")  # node-local and health-check accounts: never through the proxy
+NOT_PROXIED = ("sst", "monitor", "exporter")  # node-local and health-check accounts: never through the proxy
 
 
 def query_rules(users) -> list[tuple[int, str | None, str, int, str]]:
@@ -125,6 +125,10 @@ def template_vars(inv: Inventory, host: str, secret) -> dict:
         "server_version": "8.0.36" if flavour == "percona" else "10.11.0-MariaDB",
         "proxysql_key": PROXYSQL_KEY,
         "proxysql_repo": PROXYSQL_REPO,
+        # HAProxy's own Prometheus endpoint, for the monitoring host only (its firewall rule).
+        "metrics_bind": (f"{inv.vips['dbproxy'].address if 'dbproxy' in inv.vips else topology.scrape_address(inv, host)}"
+                         f":{topology.HAPROXY_METRICS_PORT}"
+                         if any(e.job == "haproxy" for e in topology.exporters(inv, host)) else ""),
     }
 
 

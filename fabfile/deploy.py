@@ -1,7 +1,8 @@
 """Deploy whole systems: each tier in the order the systems need.
 
 Order: the tiers every host gets (base -> firewall -> gateway -> pki), then the
-XMPP service and the mail cluster, each only when the inventory describes it.
+XMPP service and the mail cluster, each only when the inventory describes it,
+then monitoring (its exporters need the services and their accounts).
 keepalived serves a VIP of each system: the XMPP chain ends with the xmpp VIP,
 the mail chain with the webmail VIP (after Roundcube, which its check watches).
 The two systems run side by side when no host belongs to both (each still in
@@ -14,7 +15,7 @@ from invoke import Collection
 from . import base, firewall, gateway, pki
 from . import ejabberd, keepalived, postgres
 from . import dbproxy, mail, pxc
-from . import cluster, drbd, webmail
+from . import cluster, drbd, monitoring, webmail
 from .core import runbook, topology
 
 class _Vips:
@@ -39,6 +40,7 @@ class _TableGrants:
 # galera -> database proxy -> mail services (vmail uid first) -> storage and cluster
 # -> grants on the mail tier's tables -> webmail and its VIP
 MAIL = [pxc, dbproxy, mail, drbd, cluster, _TableGrants, webmail, _Vips("webmail")]
+MONITORING = [monitoring]
 XMPP_ROLES = (topology.EJABBERD, topology.PG_PRIMARY, topology.PG_REPLICA)
 MAIL_ROLES = (topology.GALERA, topology.MAIL_BACKEND, topology.WEBMAIL)
 
@@ -73,7 +75,7 @@ def all(run):
         systems["xmpp"] = XMPP
     if run.inv.mail is not None:
         systems["mail"] = MAIL
-    _preflight(run, COMMON + [t for tiers in systems.values() for t in tiers])
+    _preflight(run, COMMON + [t for tiers in systems.values() for t in tiers] + MONITORING)
     for tier in COMMON:
         tier.converge(run)
     shared = set(run.inv.with_role(*XMPP_ROLES)) & set(run.inv.with_role(*MAIL_ROLES))
@@ -83,6 +85,7 @@ def all(run):
             _chain(run, tiers)()
     else:
         run.side_by_side({name: _chain(run, tiers) for name, tiers in systems.items()})
+    _chain(run, MONITORING)()
 
 
 @runbook
@@ -103,4 +106,10 @@ def mail(run):
     _converge(run, MAIL)
 
 
-ns = Collection("deploy", all, common, xmpp, mail)
+@runbook(name="monitoring")
+def monitoring_(run):
+    """Only monitoring: exporters everywhere, Prometheus and Alertmanager (the systems must have run)."""
+    _converge(run, MONITORING)
+
+
+ns = Collection("deploy", all, common, xmpp, mail, monitoring_)

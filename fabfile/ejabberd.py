@@ -344,7 +344,7 @@ def change_password(run, user, password=None, password_file=None):
     run.on_one(f"ejabberd: change the password of {jid}", _node(run), act)
 
 
-@runbook
+@runbook(readonly=True)
 def list_users(run):
     """List the registered users of the XMPP domain."""
     dom = topology.xmpp_domain(run.inv)
@@ -370,7 +370,7 @@ def _node_status(h: HostSession, vip: str | None) -> None:
     h.ok(f"{node_name(h.name)} running; cluster: {', '.join(members) or '?'}; {sessions} session(s); {vip_text}")
 
 
-@runbook
+@runbook(readonly=True)
 def cluster_status(run):
     """Show each ejabberd node: running, cluster members, sessions, who holds the VIP."""
     vip = run.inv.vips.get("xmpp")

@@ -291,7 +291,7 @@ def deploy(run, vip=None):
     converge(run, vips=None if chosen is None else [v.name for v in chosen])
 
 
-@runbook(help={"vip": "only this VIP (" + ", ".join(VIPS) + ")"})
+@runbook(readonly=True, help={"vip": "only this VIP (" + ", ".join(VIPS) + ")"})
 def status(run, vip=None):
     """Per host and VIP it serves: keepalived active, the VIP's check, whether it holds the VIP."""
     chosen = _vip_arg(run, vip) or served(run.inv)

@@ -317,7 +317,7 @@ def deploy(run):
     converge(run)
 
 
-@runbook
+@runbook(readonly=True)
 def status(run):
     """Print every PostgreSQL node's role, replication state and lag in bytes."""
     run.step("postgres: status", run.hosts(PRIMARY_ROLE, REPLICA_ROLE), _status)

@@ -249,7 +249,7 @@ def deploy(run):
     converge(run)
 
 
-@runbook
+@runbook(readonly=True)
 def status(run):
     """Per front end: nginx and php-fpm, Roundcube's login page over HTTPS, its schema version."""
     def one(h: HostSession) -> None:

@@ -58,6 +58,14 @@ def _drbd(inv: Inventory) -> bool:
     return inv.mail is not None and inv.mail.storage == "drbd"
 
 
+def _monitored(inv: Inventory) -> bool:
+    return topology.monitoring_host(inv) is not None
+
+
+def _grafana(inv: Inventory) -> bool:
+    return _monitored(inv) and inv.monitoring.grafana
+
+
 # Hosts that carry a Bacula file daemon, and hosts with a node exporter (seed 004).
 BACULA_CLIENTS = ("ejabberd", "postgres_primary", "postgres_replica", "monitoring")
 POSTGRES = ("postgres_primary", "postgres_replica")
@@ -75,33 +83,29 @@ TABLE: dict[str, list[Allow]] = {
         Allow("tcp", "4369", ("ejabberd",), "Erlang epmd, cluster nodes only"),
         Allow("tcp", "4200:4210", ("ejabberd",), "Erlang distribution FIREWALL_WINDOW, cluster nodes only"),
         Allow("vrrp", "", ("ejabberd",), "keepalived VRRP between the xmpp VIP peers"),
-        Allow("tcp", "9100", ("monitoring",), "node exporter"),
+        Allow("tcp", "5223", ("monitoring",), "XMPP (TLS) probe of the monitoring host (across the gateway)",
+              to_vip="xmpp", when=_monitored),
         Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
     ],
     "postgres_primary": [
         Allow("tcp", "5432", ("ejabberd", "postgres_replica"), "PostgreSQL from ejabberd and the replica"),
-        Allow("tcp", "9100", ("monitoring",), "node exporter"),
-        Allow("tcp", "9187", ("monitoring",), "postgres exporter"),
         Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
     ],
     "postgres_replica": [
         # ejabberd too: after a promotion this host is the one ejabberd uses.
         Allow("tcp", "5432", ("ejabberd", "postgres_primary"), "PostgreSQL from ejabberd and the primary"),
-        Allow("tcp", "9100", ("monitoring",), "node exporter"),
-        Allow("tcp", "9187", ("monitoring",), "postgres exporter"),
         Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
     ],
     "gateway": [
-        Allow("tcp", "9100", ("monitoring",), "node exporter"),
     ],
     "backup": [
         Allow("tcp", "9101", BACULA_CLIENTS, "bacula-dir from its clients"),
         Allow("tcp", "9103", BACULA_CLIENTS, "bacula-sd from its clients"),
         Allow("tcp", "2049", POSTGRES, "NFSv4 WAL archive and base backups"),
-        Allow("tcp", "9100", ("monitoring",), "node exporter"),
     ],
     "monitoring": [
-        Allow("tcp", "3000,9090", MGMT, "Grafana and Prometheus for the operators"),
+        Allow("tcp", "443", MGMT, "Prometheus and Alertmanager (nginx, HTTPS) for the operators", when=_monitored),
+        Allow("tcp", "3000", MGMT, "Grafana for the operators", when=_grafana),
         Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
     ],
     "spare": [],
@@ -127,6 +131,15 @@ TABLE: dict[str, list[Allow]] = {
         Allow("tcp", "9200", ("mail_backend",), "Galera health check for HAProxy", when=_haproxy),
     ],
 }
+
+# Every exporter's port, from the monitoring host only (topology.EXPORTERS).
+for _e in topology.EXPORTERS:
+    _row = Allow("tcp", str(_e.port), ("monitoring",), f"{_e.job} exporter for Prometheus", to_vip=_e.vip,
+                 when=lambda inv, e=_e: _monitored(inv) and (e.when is None or e.when(inv)))
+    for _role in _e.roles or ():
+        TABLE[_role].append(_row)
+    if _e.roles is None:
+        EVERY_HOST.append(_row)
 
 # --- compiling the table into rules ----------------------------------------------
 
@@ -185,8 +198,8 @@ def rows(inv: Inventory, host: str, table: dict[str, list[Allow]] | None = None,
     table = TABLE if table is None else table
     out = list(EVERY_HOST if every_host is None else every_host)
     for role in inv.hosts[host].roles:
-        out += [a for a in table.get(role, []) if a.when is None or a.when(inv)]
-    return out
+        out += table.get(role, [])
+    return [a for a in out if a.when is None or a.when(inv)]
 
 
 def input_rules(inv: Inventory, host: str, table: dict[str, list[Allow]] | None = None,
@@ -265,7 +278,7 @@ def forward_rules(inv: Inventory, gw: str, table=None) -> list[Rule]:
     for target in inv.hosts:
         if target in routers or not on[target]:
             continue
-        for allow in rows(inv, target, table, every_host=()):
+        for allow in rows(inv, target, table):
             if not isinstance(allow.sources, tuple):
                 continue  # anyone / management / local nets: not routed through here
             dst = str(inv.hosts[target].addresses[on[target][0]]) + "/32"

@@ -179,6 +179,35 @@ class Webmail(_Model):
     support_url: str | None = Field(default=None, pattern=r"^https?://[^\s'\"<>]+$")
 
 
+EMAIL = re.compile(r"[a-z0-9_+-]+(\.[a-z0-9_+-]+)*@" + DNS_NAME.pattern)
+
+
+class Thresholds(_Model):
+    """Where the alerts fire (the rules' defaults follow the community mixins)."""
+
+    disk_free_percent: float = Field(default=10, gt=0, lt=100)  # a filesystem with less free space
+    memory_available_percent: float = Field(default=10, gt=0, lt=100)  # MemAvailable below this
+    replication_lag_seconds: float = Field(default=30, gt=0)  # a PostgreSQL replica further behind
+    certificate_days: int = Field(default=21, ge=1, le=3650)  # a certificate expiring sooner
+    backup_age_hours: float = Field(default=26, gt=0)  # the last good backup older than this
+
+
+class Monitoring(_Model):
+    """Prometheus, Alertmanager and the exporters (the host with role monitoring)."""
+
+    # Where Alertmanager sends the alerts (through the mail cluster when there is one).
+    alert_email: str
+    # HOST:PORT of the mail server Alertmanager hands its mail to; default: the
+    # mail VIP's name, port 25 (the mail cluster of the same inventory).
+    smarthost: str | None = Field(default=None, pattern=r"^[a-z0-9.-]+:[0-9]{1,5}$")
+    # Production: add Grafana's APT repository and provision its dashboards. The
+    # lab cannot reach it (see the README's fidelity table).
+    grafana: bool = False
+    thresholds: Thresholds = Thresholds()
+    # How often Prometheus scrapes and evaluates its rules (seconds).
+    scrape_interval: int = Field(default=15, ge=1, le=300)
+
+
 class Lab(_Model):
     """Settings only the embedded lab reads (bridge names, cached root)."""
 
@@ -195,6 +224,7 @@ class Inventory(_Model):
     mail: MailStack | None = None
     xmpp: XmppStack | None = None
     webmail: Webmail | None = None
+    monitoring: Monitoring | None = None
     lab: Lab | None = None
 
     # Set by load(); not part of the YAML.
@@ -250,11 +280,16 @@ class Inventory(_Model):
     def peer_addresses(self, src: str, target: str) -> list[str]:
         """The addresses ``src`` talks to ``target`` from (as /32 CIDRs): its address
         on a (non-management) network they share; across the gateway its own
-        segment address(es); the management address for a host with no other."""
+        segment address(es) a gateway routes to the target's (or all of them); the
+        management address for a host with no other."""
         mine, theirs = self.non_management(src), self.non_management(target)
         shared = [a for net, a in mine.items() if net in theirs]
         if shared:
             return [f"{a}/32" for a in shared]
+        segments = [set(self.non_management(g)) for g in self.with_role("gateway")]
+        routed = [a for net, a in mine.items() if any(net in segs and segs & set(theirs) for segs in segments)]
+        if routed:  # across a gateway: from the segment(s) it routes to the target's
+            return [f"{a}/32" for a in routed]
         if mine:
             return [f"{a}/32" for a in mine.values()]
         return [f"{self.management_address(src)}/32"]
@@ -384,6 +419,13 @@ class Inventory(_Model):
                 add("webmail.product_name", "control characters are not allowed")
 
         counts = Counter(role for host in self.hosts.values() for role in host.roles)
+        if self.monitoring is not None:
+            if not EMAIL.fullmatch(self.monitoring.alert_email) or len(self.monitoring.alert_email) > 254:
+                add("monitoring.alert_email", f"{self.monitoring.alert_email!r} is not an e-mail address "
+                    "(LOCAL@DOMAIN, lower case)")
+            if counts["monitoring"] != 1:
+                add("monitoring", "the monitoring section needs exactly one host with role monitoring "
+                    f"(found {counts['monitoring']})")
         if self.mail is not None:
             galera = counts["galera"]
             if galera < 3 or galera % 2 == 0:

@@ -22,6 +22,9 @@ class Report:
 
         self.title = title
         self.console = Console(highlight=False, soft_wrap=True, file=file)
+        # Steps, per-host results and notes go to the log only (a task that
+        # prints one table of its own, `inv status`); errors and tables still show.
+        self.quiet = False
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self.changes: list[tuple[str, str]] = []
         self._mask = mask
@@ -53,7 +56,8 @@ class Report:
     # --- console ------------------------------------------------------------
 
     def step(self, title: str, hosts: list[str]) -> None:
-        self.console.print(f"[bold]== {title}[/] [dim]({', '.join(hosts)})[/]")
+        if not self.quiet:
+            self.console.print(f"[bold]== {title}[/] [dim]({', '.join(hosts)})[/]")
         self.log(f"== {title} on {', '.join(hosts)}")
 
     def result(self, host: str, status: str, message: str) -> None:
@@ -62,11 +66,13 @@ class Report:
             self.counts[host][status] += 1
             if status in ("changed", "would change"):
                 self.changes.append((host, message))
-        self.console.print(f"  [{STYLE.get(status, '')}]{status:>8}[/] {host}: {message}", markup=True)
+        if not self.quiet:
+            self.console.print(f"  [{STYLE.get(status, '')}]{status:>8}[/] {host}: {message}", markup=True)
         self.log(f"[{host}] {status}: {message}")
 
     def note(self, message: str) -> None:
-        self.console.print(f"  [dim]{self._mask(message)}[/]")
+        if not self.quiet:
+            self.console.print(f"  [dim]{self._mask(message)}[/]")
         self.log(message)
 
     def diff(self, host: str, text: str) -> None:
@@ -84,6 +90,13 @@ class Report:
             from rich.console import Console  # lazy: see the top of this module
 
             Console(highlight=False, width=160, file=self.console.file).print(table)
+
+    def to_stderr(self) -> None:
+        """The console (progress, tables, errors) on standard error: a task whose
+        standard output is data for scripts (`inv status --json`) keeps it clean."""
+        import sys
+
+        self.console.file = sys.stderr
 
     def error(self, message: str) -> None:
         self.console.print(f"[bold red]error:[/] {_escape(self._mask(message))}")
@@ -118,6 +131,18 @@ class Report:
         self.console.print(summary)
         self.console.print(f"[dim]log: {self.log_path}[/]")
         self.log(f"# recap: {summary} in {took:.1f}s")
+
+    def end_readonly(self) -> None:
+        """The end of a read-only task (`@runbook(readonly=True)`): what it printed
+        is its answer, so no recap table and no ok/changed counts; only the hosts
+        that failed (when any) and where the log is."""
+        took = (dt.datetime.now() - self.started).total_seconds()
+        failed = sorted(host for host, c in self.counts.items() if c["failed"])
+        if failed:
+            self.console.print(f"[bold red]failed on {len(failed)} host(s):[/] {', '.join(failed)}")
+        self.console.print(f"[dim]log: {self.log_path}[/]")
+        self.log(f"# end: read-only, {len(self.counts)} hosts read"
+                 + (f", failed on {', '.join(failed)}" if failed else "") + f" in {took:.1f}s")
 
     def close(self) -> None:
         self._log.close()

@@ -148,16 +148,23 @@ COMMON_HELP = {
     "hosts": "only these hosts (comma-separated inventory names), e.g. e1server,e2server",
     "check": "dry run: show the diff of every file and every command that would change a host; change nothing",
 }
+READONLY_HELP = {"check": "accepted for uniformity: this task only reads, with or without it"}
 
 
-def runbook(*args, **kwargs):
+def runbook(*args, readonly: bool = False, **kwargs):
     """A task that works on hosts. The body gets a `Run` (inventory, selected
     hosts, secrets, check mode, report) instead of the invoke Context, and the
     task gains --hosts and --check. At the end a recap per host is printed; a
     failure ends the run with status 1 and the reason, without a traceback.
 
     Check mode is on with --check, or `check: true` in invoke's config
-    (INVOKE_CHECK=1)."""
+    (INVOKE_CHECK=1).
+
+    ``@runbook(readonly=True)``: a task that only reads (a status, a listing).
+    What it prints (its tables, notes, per-host lines) is the whole output: no
+    recap table and no "N ok, N changed ... nothing to do" line, since there is
+    nothing to change. An error still ends it with the message and status 1,
+    and a host that failed is named at the end (status 1 too)."""
 
     def decorate(body):
         sig = inspect.signature(body)
@@ -183,7 +190,9 @@ def runbook(*args, **kwargs):
                 result = body(run, *a, **kw)
             except UserError as exc:
                 run.report.error(str(exc))
-                if run.report.counts:  # something was done or checked before the error: say what
+                if readonly:
+                    run.report.end_readonly()
+                elif run.report.counts:  # something was done or checked before the error: say what
                     run.report.recap(stopped=str(exc))
                 run.close()
                 raise Exit(code=1) from None
@@ -196,7 +205,10 @@ def runbook(*args, **kwargs):
                                  f"(traceback in {run.report.log_path})")
                 run.close()
                 raise Exit(code=2) from None
-            run.report.recap()
+            if readonly:
+                run.report.end_readonly()
+            else:
+                run.report.recap()
             run.close()
             if run.report.failed:
                 raise Exit(code=1)
@@ -205,7 +217,8 @@ def runbook(*args, **kwargs):
         wrapper.__signature__ = sig.replace(parameters=[ctx_param, *params])
         del wrapper.__wrapped__
         wrapper.runbook = body  # the body, for tests that drive it with a recording Run
-        kwargs["help"] = {**COMMON_HELP, **kwargs.get("help", {})}
+        wrapper.readonly = readonly
+        kwargs["help"] = {**COMMON_HELP, **(READONLY_HELP if readonly else {}), **kwargs.get("help", {})}
         kwargs.setdefault("auto_shortflags", False)
         return invoke_task(**kwargs)(wrapper)
 
@@ -218,4 +231,5 @@ def _task_title(body) -> str:
     """tier.task-name: the tier is the module (or package) under fabfile/ the task lives in."""
     parts = body.__module__.split(".")
     module = parts[1] if parts[0] == "fabfile" and len(parts) > 1 else parts[-1]
-    return f"{module}.{body.__name__.rstrip('_').replace('_', '-')}"
+    name = body.__name__.rstrip('_').replace('_', '-')
+    return name if name == module else f"{module}.{name}"  # a root task (`inv status`) by its own name

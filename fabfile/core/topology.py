@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .errors import UserError
 from .shell import q
@@ -218,6 +218,9 @@ def db_accounts(inv: Inventory) -> list[Account]:
                 {f"{MAIL_DB}.mailbox": ("SELECT", "UPDATE")},
                 "Roundcube's password plugin: a mailbox's own password, in Postfixadmin's table only"),
     ]
+    if monitoring_host(inv) is not None:
+        out.append(Account("exporter", ("localhost",), "pxc_exporter_password", {"*": ("PROCESS",)},
+                           "Prometheus's mysqld exporter on each node (its socket): status and wsrep variables"))
     return out
 
 
@@ -248,3 +251,66 @@ def slot_name(host: str) -> str:
 
 DRBD_RESOURCE = "mail"
 DRBD_DEVICE = "/dev/drbd0"
+
+
+# --- monitoring: who exports what, where Prometheus scrapes it --------------------------
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """A Prometheus exporter on the hosts with ``roles`` (None: every host). The
+    monitoring tier installs it (``package``, or nothing when a service of another
+    tier answers itself, like HAProxy's own endpoint); the firewall opens ``port``
+    to the monitoring host only."""
+
+    job: str
+    port: int
+    roles: tuple[str, ...] | None
+    package: str | None
+    unit: str | None = None
+    when: Callable[[Inventory], bool] | None = None
+    # Served on this VIP (by whichever host holds it), scraped there once, not per host.
+    vip: str | None = None
+
+
+def _haproxy_proxy(inv: Inventory) -> bool:
+    return inv.mail is not None and inv.mail.db_proxy == "haproxy"
+
+
+EXPORTERS = (
+    Exporter("node", 9100, None, "prometheus-node-exporter"),
+    Exporter("postgres", 9187, (PG_PRIMARY, PG_REPLICA), "prometheus-postgres-exporter"),
+    Exporter("mysqld", 9104, (GALERA,), "prometheus-mysqld-exporter"),
+    Exporter("hacluster", 9664, (MAIL_BACKEND,), "prometheus-hacluster-exporter", unit="ha_cluster_exporter"),
+    Exporter("postfix", 9154, (MAIL_BACKEND,), "prometheus-postfix-exporter"),
+    # HAProxy's own endpoint: HAProxy runs where Pacemaker put the dbproxy VIP
+    Exporter("haproxy", 8405, (MAIL_BACKEND,), None, when=_haproxy_proxy, vip="dbproxy"),
+    Exporter("nginx", 9113, (WEBMAIL,), "prometheus-nginx-exporter"),
+)
+HAPROXY_METRICS_PORT = 8405
+
+
+def monitoring_host(inv: Inventory) -> str | None:
+    hosts = inv.with_role(MONITORING) if inv.monitoring is not None else []
+    return hosts[0] if hosts else None
+
+
+def exporters(inv: Inventory, host: str) -> list[Exporter]:
+    """The exporters ``host`` runs (none without a monitoring host)."""
+    if monitoring_host(inv) is None:
+        return []
+    roles = set(inv.hosts[host].roles)
+    return [e for e in EXPORTERS
+            if (e.roles is None or roles & set(e.roles)) and (e.when is None or e.when(inv))]
+
+
+def scrape_address(inv: Inventory, host: str) -> str:
+    """Where the monitoring host reaches ``host``'s exporters (and where they
+    listen): its address on a network it shares with the monitoring host, else
+    its service address (across the gateway)."""
+    mon = monitoring_host(inv)
+    theirs = inv.non_management(mon) if mon else {}
+    for net, addr in inv.non_management(host).items():
+        if net in theirs:
+            return str(addr)
+    return inv.service_address(host)

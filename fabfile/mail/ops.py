@@ -127,7 +127,7 @@ class Listing:
     aliases: list[list[str]]
 
 
-@runbook(name="list")
+@runbook(name="list", readonly=True)
 def list_(run):
     """Domains, mailboxes and aliases in the Postfixadmin database."""
     out: dict[str, Listing] = {}

@@ -393,7 +393,7 @@ def bootstrap(run, yes=False, node=None, force=False):
                  lambda h: _leave_bootstrap(h, flav))
 
 
-@runbook
+@runbook(readonly=True)
 def status(run):
     """Per node: mysqld, cluster status (Primary?), state, size, seqno; tables without a primary key."""
     galera = _guard_inventory(run) if run.inv.mail else []

@@ -58,7 +58,9 @@ def test_haproxy_one_writer_rest_backup(secrets):
 def test_haproxy_binds_own_address_and_vip(secrets):
     text = haproxy_cfg(secrets, "postfix02")
     assert re.findall(r"^\s+bind (\S+)$", text, re.M) == [
-        "10.200.11.114:3306", "10.200.11.116:3306", "10.200.11.114:3307", "10.200.11.116:3307"]
+        "10.200.11.114:3306", "10.200.11.116:3306",
+        "10.200.11.116:8405",  # HAProxy's own Prometheus endpoint on the VIP, for the monitoring host
+        "10.200.11.114:3307", "10.200.11.116:3307"]
 
 
 # --- HAProxy's reader port -------------------------------------------------------------------

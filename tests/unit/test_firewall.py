@@ -121,7 +121,9 @@ def test_mail_cluster_rules(lab):
     assert corosync == {"10.200.11.114/32", "10.200.11.115/32"}
     assert all("-p udp" in line for line in pf1 if "5404:5406" in line)
     # haproxy stands in for ProxySQL in the lab: 3306 on the dbproxy VIP only.
-    proxy = [line for line in pf1 if "-d 10.200.11.116/32" in line]
+    proxy = [line for line in pf1 if "-d 10.200.11.116/32" in line and "--dport 8405 " not in line]
+    metrics = [line.split()[3] for line in pf1 if "-d 10.200.11.116/32" in line and "--dport 8405 " in line]
+    assert metrics == ["10.200.11.130/32"]  # HAProxy's Prometheus endpoint: the monitoring host only
     assert {line.split()[3] for line in proxy} == {
         "10.200.11.111/32", "10.200.11.112/32", "10.200.11.114/32", "10.200.11.115/32"}
     assert all("--dports 3306,3307 " in line for line in proxy)  # writer and reader ports
@@ -313,6 +315,7 @@ hosts:
   y:  {roles: [postgres_primary], addresses: {m: 10.9.0.3, b: 10.9.2.3}}
   z:  {roles: [monitoring], addresses: {m: 10.9.0.4, c: 10.9.3.4, b: 10.9.2.4}}
 xmpp: {domain: x.t.test}
+monitoring: {alert_email: ops@t.test}
 """
 
 

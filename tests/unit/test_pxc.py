@@ -296,7 +296,8 @@ def test_native_hash_matches_mysql():
 def test_accounts_are_host_limited():
     accounts = {a.user: a for a in db_accounts(LAB)}
     assert set(accounts) == {"sst", "monitor", "postfixadmin", "postfix", "dovecot", "roundcube",
-                             "roundcube_password"}
+                             "roundcube_password", "exporter"}
+    assert accounts["exporter"].hosts == ("localhost",) and accounts["exporter"].grants == {"*": ("PROCESS",)}
     backends = ("10.200.11.113", "10.200.11.114", "10.200.11.115")
     for user in ("postfixadmin", "postfix", "dovecot"):
         assert accounts[user].hosts == backends
@@ -408,7 +409,7 @@ def test_accounts_step_converged_changes_nothing():
     h = run.session("pxc1")
     pxc._accounts(h)
     assert h.changes == []
-    assert h.reported("ok") == ["databases postfix, roundcube and 7 accounts as wanted"]
+    assert h.reported("ok") == ["databases postfix, roundcube and 8 accounts as wanted"]
 
 
 # --- the install step on a host (recording host) -------------------------------------------
