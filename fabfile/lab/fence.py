@@ -119,6 +119,8 @@ def serve(inventory_path: str, state_dir: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python -m fabfile.lab.fence INVENTORY [STATE_DIR]")
+    # A fourth argument, the address it binds (IP:PORT), only names the process
+    # for `lab.down`/`lab.up` (the listener computes it from the inventory).
+    if len(sys.argv) not in (2, 3, 4):
+        sys.exit("usage: python -m fabfile.lab.fence INVENTORY [STATE_DIR [IP:PORT]]")
     serve(*sys.argv[1:3])

@@ -210,28 +210,44 @@ def _any_nspawn(state_dir: Path) -> bool:
 # --- the power listener's process (what it does: fence.py) ------------------
 
 
+def _listener_address(plan: Plan) -> str:
+    return f"{plan.bridge_interface.ip}:{FENCE_LAB_PORT}"
+
+
 def fence_listener_pids(plan: Plan) -> list[int]:
+    """The listener of this lab: started for this inventory, or bound to this
+    lab's bridge address from another checkout of the same lab (it holds the
+    address, with another secrets file: it must go)."""
     inventory = str(Path(plan.inv.path).resolve())
-    return [pid for pid, argv in processes() if inventory in argv and any(m in argv for m in LISTENERS)]
+    address = _listener_address(plan)
+    return [pid for pid, argv in processes() if any(m in argv for m in LISTENERS)
+            and (inventory in argv or address in argv)]
 
 
 def ensure_fence_listener(plan: Plan) -> bool:
     """The power listener fence_lab talks to, when the inventory fences with fence_lab."""
-    if plan.inv.mail is None or plan.inv.mail.fence_agent != "fence_lab" or fence_listener_pids(plan):
+    if plan.inv.mail is None or plan.inv.mail.fence_agent != "fence_lab":
         return False
+    inventory = str(Path(plan.inv.path).resolve())
+    running = {pid: argv for pid, argv in processes() if pid in fence_listener_pids(plan)}
+    if any(inventory in argv for argv in running.values()):
+        return False
+    if running:  # another checkout's listener on this lab's address: its secret is not ours
+        stop_pids(list(running), grace=5)
     Secrets(plan.inv.site_file("secrets.yml")).get(FENCE_LAB_SECRET)  # made now, before the listener reads it
     log = plan.dir / "fence-listener.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        subprocess.Popen(
-            [sys.executable, "-m", LISTENER, str(Path(plan.inv.path).resolve()), str(plan.state_dir)],
+        proc = subprocess.Popen(
+            [sys.executable, "-m", LISTENER, inventory, str(plan.state_dir), _listener_address(plan)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, cwd=str(PROJECT_ROOT), close_fds=True,
         )
     address = (str(plan.bridge_interface.ip), FENCE_LAB_PORT)
-    try:
-        poll(lambda: listening(address), bool, timeout=15, interval=0.2,
-             what=f"the fence listener on {address[0]}:{address[1]}")
+    try:  # ours must be the one listening: one that died (address in use) gives up at once
+        poll(lambda: proc.poll() is None and listening(address), bool, timeout=15, interval=0.2,
+             what=f"the fence listener on {address[0]}:{address[1]}",
+             give_up=lambda _v, _s: "it exited" if proc.poll() is not None else None)
     except TimedOut:
         raise UserError(f"the fence listener did not start on {address[0]}:{address[1]}\n{tail(log)}") from None
     return True
