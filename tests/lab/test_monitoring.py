@@ -18,6 +18,8 @@ import http.client
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -26,6 +28,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from fabfile.core.secrets import token
 from tests.lab.browser import lab_browser, screenshot
 
 pytestmark = pytest.mark.lab
@@ -220,9 +223,40 @@ def test_status_on_the_healthy_lab_is_green(lab, m):
     print(f"\ninv status: {len(lines)} lines, all green")
 
 
+MAIL_CLIENT = Path(__file__).with_name("mail_client.py")
+
+
+def _alert_mailbox(lab, m) -> tuple[str, str]:
+    """monitoring.alert_email as a mailbox of the mail cluster, with a password this test knows."""
+    box = m.inv.monitoring.alert_email
+    if inv_domain(m.inv) != box.split("@")[1]:
+        pytest.skip("monitoring.alert_email is not in the lab's mail domain")
+    listing = lab.invoke("mail.list").stdout
+    password = token(16)
+    ok(lab.invoke("mail.set-password" if f"mailbox {box}" in listing else "mail.add-mailbox", box,
+                  "--password", password))
+    return box, password
+
+
+def inv_domain(inv) -> str:
+    return inv.mail.domain if inv.mail is not None else ""
+
+
+def _fetch(lab, m, user: str, password: str, subject: str, wait: int) -> dict:
+    """IMAP from a host of the mail network (the monitoring host's own namespace)."""
+    spec = {"host": str(m.inv.vips["mail"].address), "ca": str(m.ca), "timeout": 30,
+            "fetch": {"user": user, "password": password, "subject": subject, "wait": wait}}
+    out = subprocess.run(["ip", "netns", "exec", lab.plan.netns(m.mon), sys.executable, str(MAIL_CLIENT)],
+                         input=json.dumps(spec), capture_output=True, text=True, timeout=wait * 2 + 120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_galera_alert_fires_when_a_node_dies_and_resolves_after_pxc(lab, m):
+    """...and Alertmanager mails it to monitoring.alert_email through the mail cluster."""
     rule = _rule(m, "GaleraClusterSizeLow")
     victim = m.inv.with_role("galera")[-1]
+    box, password = _alert_mailbox(lab, m)
     t0 = time.monotonic()
     ok(lab.invoke("lab.power", victim, "off", timeout=120))
     try:
@@ -232,6 +266,9 @@ def test_galera_alert_fires_when_a_node_dies_and_resolves_after_pxc(lab, m):
         status = lab.invoke("status", "--json")
         red = [line for line in json.loads(status.stdout) if line["level"] == "red"]
         assert status.returncode != 0 and any(victim in json.dumps(line) for line in red), red
+        got = _fetch(lab, m, box, password, f"[FIRING:1] {rule['name']}", wait=120)
+        assert got["found"]["imaps"] >= 1, got
+        print(f"the alert's mail reached {box} {time.monotonic() - t0:.0f} s after the power cut")
     finally:
         ok(lab.invoke("lab.power", victim, "on", timeout=300))
         lab.converge("pxc.deploy")
