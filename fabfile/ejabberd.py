@@ -9,21 +9,31 @@ Runbook:
    before the first start, and no mnesia rename is ever needed.
 2. Files: ejabberdctl.cfg (node name, distribution port window 4200-4210 on the
    host's service address), ejabberd.yml (domain, admins, SQL on the primary,
-   the host's certificate from the site CA, c2s STARTTLS required), parsed as
+   the host's certificate from the site CA, c2s STARTTLS required, multi-user
+   chat on conference.<domain>, publish-subscribe on pubsub.<domain>, MQTT on
+   1883 over TLS for the same accounts; every module on SQL), parsed as
    YAML before upload and re-checked by `ejabberdctl reload_config` on a
    running node (the old file comes back if it is refused), and the Erlang
    cookie (generated once, shared by the nodes, 0400 ejabberd). The ejabberd
    user joins ssl-cert to read its key in /etc/ssl/hastack.
 3. The SQL schema (the shipped pg.sql), once: applied on the primary as the
-   ejabberd role when its tables are missing.
+   ejabberd role when its tables are missing; a database that has the users
+   table but not the tables of the modules we load (MUC, pubsub, MQTT) is
+   reported, never half-loaded.
 4. Start (restart when a file changed) and wait until the node answers.
 5. Cluster: every node but the first runs `join_cluster ejabberd@<first>`,
    skipped when `list_cluster` already shows both.
+6. Admin accounts (xmpp.admins of the XMPP domain), on one node: registered
+   once with a password generated into the secrets file (`ejabberd_admin_<name>`,
+   on standard input); an existing account is left alone, and when its password
+   is no longer the one in the secrets file (someone changed it) that is
+   reported, not overwritten. `inv ejabberd.admin-password NAME` says where the
+   password is.
 
 Ops tasks (register-user, unregister-user, change-password, list-users,
-cluster-status) work against whichever ejabberd node answers. User names are
-checked (RFC 7622 localpart) before any connection and quoted on the command
-line; passwords (--password, --password-file FILE or -, else a hidden prompt)
+cluster-status) work against whichever ejabberd node answers; admin-password
+reads only the inventory and the secrets file. User names are checked (RFC 7622
+localpart) before any connection and quoted on the command line; passwords (--password, --password-file FILE or -, else a hidden prompt)
 reach ejabberdctl on standard input only.
 """
 
@@ -50,6 +60,9 @@ CTL_CONFIG = "/etc/default/ejabberd"  # /etc/ejabberd/ejabberdctl.cfg links here
 COOKIE = "/var/lib/ejabberd/.erlang.cookie"
 SCHEMA = "/usr/share/ejabberd/sql/pg.sql"
 SECRET_COOKIE = "ejabberd_erlang_cookie"
+SECRET_ADMIN = "ejabberd_admin_{}"  # one generated password per xmpp.admins entry of the domain
+# The tables of pg.sql the modules we load use (auth, MUC, pubsub, MQTT): checked on the primary.
+SCHEMA_TABLES = ("users", "muc_room", "muc_registered", "pubsub_node", "pubsub_item", "mqtt_pub")
 DIST_PORTS = "4200-4210"
 CTL = "ejabberdctl"
 STATUS = f"{CTL} status"
@@ -72,6 +85,28 @@ def admin_jids(inv: Inventory) -> list[str]:
         return []
     dom = inv.xmpp.domain
     return [a if "@" in a else f"{a}@{dom}" for a in inv.xmpp.admins]
+
+
+def local_admins(inv: Inventory) -> list[str]:
+    """The user parts of the admins that are accounts of the XMPP domain (the
+    accounts this tier registers); an admin JID of another server is only in the ACL."""
+    if inv.xmpp is None:
+        return []
+    dom = inv.xmpp.domain.lower()
+    out: list[str] = []
+    for jid in admin_jids(inv):
+        local, _, host = jid.lower().partition("@")
+        if host == dom and local not in out:
+            out.append(local)
+    return out
+
+
+def admin_secret(local: str) -> str:
+    """The secrets-file key of an admin's generated password."""
+    return SECRET_ADMIN.format(local)
+
+
+muc_host, pubsub_host = topology.muc_host, topology.pubsub_host
 
 
 def parse_jid(inv: Inventory, user: str) -> tuple[str, str]:
@@ -100,8 +135,11 @@ def check_password(password: str | None) -> str:
 
 def template_vars(inv: Inventory, host: str, secret) -> dict:
     prim = inv.with_role(topology.PG_PRIMARY)
+    dom = inv.xmpp.domain if inv.xmpp else inv.site.domain
     return {
-        "xmpp_domain": inv.xmpp.domain if inv.xmpp else inv.site.domain,
+        "xmpp_domain": dom,
+        "xmpp_muc_host": muc_host(dom),
+        "xmpp_pubsub_host": pubsub_host(dom),
         "xmpp_admins": admin_jids(inv),
         "ejabberd_node": node_name(host),
         "ejabberd_dist_ports": DIST_PORTS,
@@ -133,6 +171,11 @@ def check_config(text: str, dom: str) -> dict:
     c2s = [lst for lst in data["listen"] if lst.get("module") == "ejabberd_c2s" and not lst.get("tls")]
     if not c2s or not all(lst.get("starttls_required") for lst in c2s):
         raise UserError("ejabberd.yml: every c2s listener must have starttls_required: true")
+    # MQTT clients send the account's password in CONNECT: never in clear.
+    for lst in data["listen"]:
+        if lst.get("module") == "mod_mqtt" and lst.get("tls") is not True:
+            raise UserError(f"ejabberd.yml: the MQTT listener on port {lst.get('port')} must have tls: true "
+                            "(its clients log in with their XMPP password)")
     return data
 
 
@@ -158,6 +201,13 @@ def converge(run: Run) -> None:
     run.step("ejabberd: running", hosts, lambda h: _running(h, changed.get(h.name, False)))
     joiners = [h for h in hosts if h != first]
     run.step(f"ejabberd: cluster ({node_name(first)})", joiners, lambda h: _join(h, first))
+    admins = local_admins(inv)
+    for local in admins:
+        run.secret(admin_secret(local))
+    if admins:
+        # Accounts live in SQL: one node registers them for the whole cluster.
+        one = first if first in hosts else hosts[0]
+        run.step("ejabberd: admin accounts (xmpp.admins)", [one], lambda h: _admins(h, admins))
 
 
 def _packages(h: HostSession) -> None:
@@ -199,10 +249,18 @@ def _configure(h: HostSession) -> bool:
 
 def _schema(h: HostSession, first: str) -> None:
     db, owner = topology.XMPP_DB, topology.XMPP_DB_USER
-    present = h.probe(psql_c("SELECT to_regclass('public.users') IS NOT NULL", db))
-    if present.ok and present.stdout.strip() == "t":
-        h.ok(f"ejabberd schema present in database {db}")
+    tables = ", ".join(f"'{t}'" for t in SCHEMA_TABLES)
+    present = h.probe(psql_c(f"SELECT t FROM unnest(ARRAY[{tables}]) AS t "
+                             "WHERE to_regclass('public.' || t) IS NULL", db))
+    missing = present.stdout.split() if present.ok else list(SCHEMA_TABLES)
+    if not missing:
+        h.ok(f"ejabberd schema present in database {db} ({', '.join(SCHEMA_TABLES)})")
         return
+    if "users" not in missing:
+        # pg.sql creates every table at once: loading it again would fail on the first one.
+        raise HostFailed(f"database {db} has ejabberd's users table but not {', '.join(missing)} "
+                         f"(a schema older than {SCHEMA}): create them from that file as {owner}; "
+                         "nothing was changed")
     if h.run.check:
         h.changed(f"would load {SCHEMA} (from {first}) into database {db} as {owner}")
         return
@@ -211,6 +269,39 @@ def _schema(h: HostSession, first: str) -> None:
         raise HostFailed(f"{first}:{SCHEMA} does not look like ejabberd's PostgreSQL schema")
     stdin = f"SET ROLE {pg_ident(owner)};\nBEGIN;\n{sql}\nCOMMIT;\n"
     h.sh(f"{psql(db)} -f -", stdin=stdin, message=f"load ejabberd's {SCHEMA} into {db} (tables owned by {owner})")
+
+
+def _admins(h: HostSession, admins: list[str]) -> None:
+    """Each admin account registered once with its generated password (on stdin).
+    An existing account is left as it is; a password that is not the one in the
+    secrets file is reported, not overwritten: someone set or changed it on
+    purpose, and overwriting it would lock out whoever uses it."""
+    dom = topology.xmpp_domain(h.inv)
+    where = h.run.secrets.path
+    for local in admins:
+        jid, key = f"{local}@{dom}", admin_secret(local)
+        password = h.run.secret(key)
+        have = h.probe(join(CTL, "check_account", local, dom))
+        if not have.ok:
+            # 1: no such account. Anything else: ejabberdctl failed (in check mode
+            # ejabberd may not even be installed yet: then it would be registered).
+            if have.exited != 1 and not h.run.check:
+                raise HostFailed(f"`ejabberdctl check_account {local} {dom}` exited {have.exited}: "
+                                 + (have.stderr or have.stdout).strip())
+            _set_password(h, "register", local, dom, password,
+                          f"registered admin {jid} (password: {key} in {where})")
+            continue
+        same = h.probe(join(CTL, "check_password", local, dom) + ' "$(cat)"', stdin=password)
+        if same.ok:
+            h.ok(f"admin {jid} registered, password as in {key}")
+        elif same.exited == 1:
+            h.ok(f"admin {jid} registered; its password is not the one in {key}: left as it is")
+            h.note(f"{jid}: the account's password was set by hand or changed since; {key} in {where} "
+                   "does not hold it. Keep it so, or set the generated one again with "
+                   f"`inv ejabberd.change-password {jid} --password-file FILE`")
+        else:
+            raise HostFailed(f"`ejabberdctl check_password {local} {dom}` exited {same.exited}: "
+                             + (same.stderr or same.stdout).strip())
 
 
 def _epmd(h: HostSession) -> None:
@@ -378,10 +469,36 @@ def cluster_status(run):
     run.step("ejabberd: cluster status", run.hosts(ROLE), lambda h: _node_status(h, address))
 
 
+@runbook(readonly=True, positional=["name"],
+         help={"name": "an admin of the inventory's xmpp.admins: NAME or NAME@DOMAIN"})
+def admin_password(run, name):
+    """Say where an XMPP admin's generated password is (secrets file and key); never prints it."""
+    dom = topology.xmpp_domain(run.inv)
+    jid = (name or "").lower()
+    jid = jid if "@" in jid else f"{jid}@{dom}"
+    admins = [a.lower() for a in admin_jids(run.inv)]
+    if not name or jid not in admins:
+        raise UserError(f"{name!r} is not an admin of this site (xmpp.admins: {', '.join(admins) or 'none'}); "
+                        "nothing was read or changed")
+    local, _, host = jid.partition("@")
+    if host != dom.lower():
+        raise UserError(f"{jid} is an admin from another server: its password is not kept here")
+    key, where = admin_secret(local), run.secrets.path
+    if key not in run.secrets:
+        raise UserError(f"{jid}: no password generated yet ({key} is not in {where}); "
+                        "`inv ejabberd.deploy` generates it and registers the account")
+    run.report.log(f"{jid}: password in {where}, key {key}")
+    # Where it is, not what it is: the file is mode 0600 and the operator reads it
+    # there; printed here it would stay in terminal scrollback and CI logs.
+    print(f"{jid}: the password is in {where}, key {key}")
+    print(f"  read it with: grep {q('^' + key + ':')} {q(str(where))}")
+
+
 @runbook(default=True)
 def deploy(run):
-    """Converge ejabberd: packages, config, cookie, schema, start, cluster."""
+    """Converge ejabberd: packages, config, cookie, schema, start, cluster, admin accounts."""
     converge(run)
 
 
-ns = Collection("ejabberd", deploy, register_user, unregister_user, change_password, list_users, cluster_status)
+ns = Collection("ejabberd", deploy, register_user, unregister_user, change_password, list_users, cluster_status,
+                admin_password)

@@ -73,6 +73,23 @@ def xmpp_domain(inv: Inventory) -> str:
     return inv.xmpp.domain
 
 
+def muc_host(dom: str) -> str:
+    """ejabberd's multi-user chat service."""
+    return f"conference.{dom}"
+
+
+def pubsub_host(dom: str) -> str:
+    return f"pubsub.{dom}"
+
+
+def xmpp_service_hosts(inv: Inventory) -> list[str]:
+    """The hosts ejabberd serves besides the domain (MUC, pubsub): other servers
+    reach them over s2s and check that the certificate names them (pki)."""
+    if inv.xmpp is None:
+        return []
+    return [muc_host(inv.xmpp.domain), pubsub_host(inv.xmpp.domain)]
+
+
 # --- the mail cluster: Galera, the DB proxy, Pacemaker, the mail store ------------------
 
 MAIL_DB = "postfix"  # Postfixadmin's schema, read by postfix and dovecot

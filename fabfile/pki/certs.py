@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..core import HostFailed, UserError, q
-from ..core.topology import CA_FILE, PKI_DIR as DIR, cert_path, key_path
+from ..core.topology import CA_FILE, PKI_DIR as DIR, cert_path, key_path, xmpp_service_hosts
 
 if TYPE_CHECKING:
     from ..core import HostSession, Run
@@ -162,6 +162,7 @@ def served(inv: Inventory, host: str) -> list[Served]:
             out += [Served("dns", dns, f"vip {name}") for dns in vip.names]
     if inv.xmpp is not None and "ejabberd" in me.roles:
         out.append(Served("dns", inv.xmpp.domain, "xmpp domain"))
+        out += [Served("dns", name, "xmpp service") for name in xmpp_service_hosts(inv)]
     seen: set[tuple[str, str]] = set()
     unique = []
     for s in out:

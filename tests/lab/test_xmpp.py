@@ -8,6 +8,14 @@ and deploy.xmpp, prove with real clients that
   certificate verified against the site CA (an unknown CA fails), alice on one
   node sends bob on the other a message, and the users are rows in PostgreSQL;
 - bad input to the ops tasks changes nothing;
+- the inventory's admins log in with the passwords the deploy generated (and
+  `ejabberd.admin-password` says where they are, without printing them);
+- two users on different nodes join a chat room on conference.<domain>, the
+  owner makes it persistent (a row in PostgreSQL's muc_room) and they exchange
+  a groupchat message;
+- MQTT on 1883 at the VIP: a hand-written MQTT 3.1.1 CONNECT over TLS (the site
+  CA verified) with a user's credentials gets CONNACK "accepted", a wrong
+  password is refused, and the plaintext protocol gets no CONNACK at all;
 - stopping ejabberd on the VIP holder moves the VIP, clients log in there again
   and exchange messages, and the node rejoins the cluster when started;
 - a second deploy.xmpp changes nothing (same replica, same cluster).
@@ -72,7 +80,7 @@ def xmpp(lab, tmp_path_factory):
     return SimpleNamespace(
         inv=inv, domain=inv.xmpp.domain, vip=str(vip.address), vip_network=vip.network,
         nodes=topology.ejabberd_nodes(inv), primary=topology.pg_primary(inv), replicas=topology.pg_replicas(inv),
-        gateway=gateway, ca=ca, folder=folder, users=users,
+        gateway=gateway, ca=ca, folder=folder, users=users, secrets=secrets,
         db_password=secrets.require(postgres.SECRET_DB),
     )
 
@@ -283,6 +291,257 @@ def test_cluster_status_shows_nodes_vip_and_sessions(lab, xmpp):
     assert f"holds the VIP {xmpp.vip}" in out.stdout
     for host in xmpp.nodes:
         assert f"{ejabberd.node_name(host)} running" in out.stdout
+
+
+# --- admins, MUC, MQTT ------------------------------------------------------------------------
+
+
+def logins(lab, x, clients: list[dict]) -> list[dict]:
+    """Each of ``clients`` ({"jid", "password", "host"}) logs in over STARTTLS (the site CA verified)."""
+    spec = {"ca": str(x.ca), "timeout": 20, "message": None, "clients": clients}
+    return in_netns(lab, x.gateway, CLIENT.read_text(), json.dumps(spec))["logins"]
+
+
+def test_admins_log_in_with_their_generated_passwords(lab, xmpp):
+    admins = ejabberd.local_admins(xmpp.inv)
+    assert admins, "the lab inventory names no admin of the XMPP domain"
+    for local in admins:
+        jid, key = f"{local}@{xmpp.domain}", ejabberd.admin_secret(local)
+        password = xmpp.secrets.require(key)
+        good, bad = logins(lab, xmpp, [{"jid": jid, "password": password, "host": xmpp.vip},
+                                       {"jid": jid, "password": password + "x", "host": xmpp.vip}])
+        assert good["status"] == "ok" and good["tls"], good
+        assert bad["status"] != "ok", bad
+        # the task says where the password is, not what it is
+        out = lab.invoke("ejabberd.admin-password", local)
+        ok(out)
+        assert f"{jid}: the password is in {xmpp.secrets.path}, key {key}" in out.stdout
+        assert password not in out.stdout + out.stderr
+    out = lab.invoke("ejabberd.admin-password", "alice")
+    assert out.returncode == 1 and "'alice' is not an admin of this site" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+MUC_CLIENT = textwrap.dedent("""\
+    import asyncio, json, logging, sys
+    from pathlib import Path
+    import slixmpp
+    from slixmpp import JID
+
+    logging.basicConfig(level=logging.CRITICAL)
+    spec = json.load(sys.stdin)
+    ROOM, TIMEOUT = spec["room"], float(spec["timeout"])
+
+
+    async def login(c):
+        client = slixmpp.ClientXMPP(c["jid"], c["password"])
+        for plugin in ("xep_0030", "xep_0004", "xep_0045"):
+            client.register_plugin(plugin)
+        client.ca_certs = Path(spec["ca"])
+        client.enable_direct_tls, client.enable_starttls, client.enable_plaintext = False, True, False
+        result = asyncio.get_running_loop().create_future()
+
+        def done(status):
+            if not result.done():
+                result.set_result(status)
+
+        async def started(_event):
+            client.send_presence()
+            await client.get_roster()
+            done("ok")
+
+        client.add_event_handler("session_start", started)
+        client.add_event_handler("failed_auth", lambda _e: done("authentication failed"))
+        client.add_event_handler("ssl_invalid_chain", lambda e: done(f"invalid certificate: {e}"))
+        client.add_event_handler("connection_failed", lambda e: done(f"connection failed: {e}"))
+        client.connect(c["host"], c.get("port", 5222))
+        status = await asyncio.wait_for(result, TIMEOUT)
+        if status != "ok":
+            raise RuntimeError(f"{c['jid']} at {c['host']}: {status}")
+        return client
+
+
+    async def join(client, nick):
+        muc = client.plugin["xep_0045"]
+        joined = asyncio.get_running_loop().create_future()
+
+        def self_presence(pr):
+            if not joined.done():
+                joined.set_result(pr)
+
+        client.add_event_handler(f"muc::{ROOM}::self-presence", self_presence)
+        client.add_event_handler(f"muc::{ROOM}::presence-error", self_presence)
+        muc.rooms[None][JID(ROOM)] = {}
+        muc.our_nicks[None][JID(ROOM)] = nick
+        muc.make_join_stanza(JID(ROOM), nick, maxstanzas=0).send()
+        pr = await asyncio.wait_for(joined, TIMEOUT)
+        if pr["type"] == "error":
+            raise RuntimeError(f"{nick} cannot join {ROOM}: {pr['error']['condition']}")
+        return sorted(pr["muc"]["status_codes"])
+
+
+    async def main():
+        out = {}
+        owner = await login(spec["clients"][0])
+        muc = owner.plugin["xep_0045"]
+        out["owner_codes"] = await join(owner, "alice")  # 201: the room was created
+        if spec["action"] == "destroy":
+            await muc.destroy(ROOM, reason="test done", timeout=TIMEOUT)
+            out["destroyed"] = True
+            owner.disconnect()
+            return out
+        # The owner's configuration (also what unlocks a new room): persistent.
+        form = owner.plugin["xep_0004"].make_form(ftype="submit")
+        form.add_field(var="FORM_TYPE", ftype="hidden", value="http://jabber.org/protocol/muc#roomconfig")
+        form.add_field(var="muc#roomconfig_persistentroom", ftype="boolean", value=True)
+        await muc.set_room_config(ROOM, form, timeout=TIMEOUT)
+        config = await muc.get_room_config(ROOM, timeout=TIMEOUT)
+        out["persistent"] = config.get_values().get("muc#roomconfig_persistentroom")
+        member = await login(spec["clients"][1])
+        inbox = asyncio.Queue()
+
+        def groupchat(msg):
+            if msg["type"] == "groupchat" and msg["body"] and msg["from"].bare == ROOM \\
+                    and msg.get_plugin("delay", check=True) is None:
+                inbox.put_nowait({"from": msg["from"].resource, "body": str(msg["body"])})
+
+        member.add_event_handler("groupchat_message", groupchat)
+        out["member_codes"] = await join(member, "bob")
+        owner.send_message(mto=JID(ROOM), mbody=spec["message"], mtype="groupchat")
+        try:
+            out["received"] = [await asyncio.wait_for(inbox.get(), TIMEOUT)]
+        except asyncio.TimeoutError:
+            out["received"] = []
+        for client, nick in ((member, "bob"), (owner, "alice")):
+            muc_of = client.plugin["xep_0045"]
+            muc_of.leave_muc(JID(ROOM), nick)
+        await asyncio.sleep(0.5)
+        member.disconnect()
+        owner.disconnect()
+        await asyncio.sleep(0.5)
+        return out
+
+
+    try:
+        result = asyncio.run(main())
+    except Exception as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(result))
+""")
+
+
+def muc(lab, x, hosts: list[str], room: str, action: str, message: str = "") -> dict:
+    spec = {"ca": str(x.ca), "timeout": 20, "room": room, "action": action, "message": message,
+            "clients": [{"jid": f"{u}@{x.domain}", "password": x.users[u], "host": h}
+                        for u, h in zip(("alice", "bob"), hosts)]}
+    out = in_netns(lab, x.gateway, MUC_CLIENT, json.dumps(spec))
+    assert "error" not in out, out
+    return out
+
+
+def muc_rooms(lab, x) -> set[str]:
+    rows = lab.run(x.primary, f"{PSQL} -d {postgres.DB} -c \"SELECT name || '@' || host FROM muc_room\"",
+                   check=True).stdout.split()
+    return set(rows)
+
+
+def test_two_users_chat_in_a_persistent_room_on_the_conference_service(lab, xmpp):
+    room = f"test-{uuid.uuid4().hex[:8]}@{ejabberd.muc_host(xmpp.domain)}"
+    # alice on the first node, bob on the second: the room's messages cross the cluster
+    a, b = (str(xmpp.inv.hosts[h].addresses[xmpp.vip_network]) for h in xmpp.nodes[:2])
+    body = f"hello room {uuid.uuid4().hex[:6]}"
+    try:
+        out = muc(lab, xmpp, [a, b], room, "chat", body)
+        assert 201 in out["owner_codes"] and 110 in out["owner_codes"], out  # alice created it
+        assert 110 in out["member_codes"], out
+        assert out["persistent"] is True, out
+        assert out["received"] == [{"from": "alice", "body": body}], out
+        # persistent, and stored in PostgreSQL: still there after everyone left
+        assert room in muc_rooms(lab, xmpp)
+    finally:
+        out = muc(lab, xmpp, [a, b], room, "destroy")
+        assert out.get("destroyed") is True, out
+    assert room not in muc_rooms(lab, xmpp)
+
+
+MQTT_PROBE = textwrap.dedent("""\
+    import json, socket, ssl, struct, sys
+
+    a = json.load(sys.stdin)
+
+
+    def string(s):
+        data = s.encode()
+        return struct.pack("!H", len(data)) + data
+
+
+    def connect_packet(client_id, user, password):
+        # MQTT 3.1.1: protocol "MQTT" level 4, flags user name + password + clean session, keep-alive 30 s
+        variable = string("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 30)
+        body = variable + string(client_id) + string(user) + string(password)
+        length, n = b"", len(body)
+        while True:
+            byte, n = n % 128, n // 128
+            length += bytes([byte | (0x80 if n else 0)])
+            if not n:
+                break
+        return bytes([0x10]) + length + body
+
+
+    def read_exactly(sock, n):
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+    def attempt(password, tls):
+        out = {"tls": tls}
+        try:
+            raw = socket.create_connection((a["host"], a["port"]), timeout=a["timeout"])
+            raw.settimeout(a["timeout"])
+            sock = raw
+            if tls:
+                ctx = ssl.create_default_context(cafile=a["ca"])
+                sock = ctx.wrap_socket(raw, server_hostname=a["server_name"])
+                cert = sock.getpeercert()
+                out["peer"] = [v for kind, v in cert.get("subjectAltName", ()) if kind == "DNS"]
+            sock.sendall(connect_packet(a["client_id"], a["user"], password))
+            reply = read_exactly(sock, 4)
+            out["connack"] = list(reply)
+            if len(reply) == 4 and reply[0] == 0x20 and reply[1] == 2:
+                out["code"] = reply[3]
+                if reply[3] == 0:
+                    sock.sendall(bytes([0xE0, 0]))  # DISCONNECT
+            sock.close()
+        except (OSError, ssl.SSLError) as exc:
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        return out
+
+
+    print(json.dumps({
+        "good": attempt(a["password"], True),
+        "wrong": attempt(a["password"] + "-wrong", True),
+        "plain": attempt(a["password"] + "-wrong", False),  # never the real password in clear
+    }))
+""")
+
+
+def test_mqtt_over_tls_at_the_vip_accepts_users_and_refuses_a_wrong_password(lab, xmpp):
+    args = {"host": xmpp.vip, "port": 1883, "ca": str(xmpp.ca), "server_name": xmpp.domain, "timeout": 15,
+            "client_id": f"hastack-{uuid.uuid4().hex[:8]}", "user": f"alice@{xmpp.domain}",
+            "password": xmpp.users["alice"]}
+    out = in_netns(lab, xmpp.gateway, MQTT_PROBE, json.dumps(args))
+    good, wrong, plain = out["good"], out["wrong"], out["plain"]
+    assert good.get("code") == 0, out  # CONNACK: connection accepted
+    assert xmpp.domain in good["peer"], out
+    # refused: CONNACK 4 (bad user name or password) / 5 (not authorized), never 0
+    assert wrong.get("code") in (4, 5), out
+    # the port speaks TLS only: a plaintext CONNECT gets no CONNACK
+    assert "code" not in plain, out
 
 
 # --- faults ----------------------------------------------------------------------------------

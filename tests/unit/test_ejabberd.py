@@ -1,7 +1,9 @@
 """ejabberd tier without hosts: ejabberd.yml and ejabberdctl.cfg for every shipped
-inventory, the config check, JID and password validation, list_cluster parsing;
-the runbook's steps and the ops tasks on the recording host: facts in, commands
-out, user names with shell metacharacters quoted, passwords on stdin only."""
+inventory (MUC, pubsub and MQTT on SQL, MQTT over TLS), the config check, JID
+and password validation, list_cluster parsing; the runbook's steps and the ops
+tasks on the recording host: facts in, commands out, user names with shell
+metacharacters quoted, passwords on stdin only; the admin accounts (registered
+once with their generated password, never overwritten) and admin-password."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 import yaml
 
 from fabfile import ejabberd
-from fabfile.core import Result, UserError, prompt, templates, topology
+from fabfile.core import HostFailed, Result, UserError, prompt, templates, topology
 from fabfile.core.inventory import load
 from fabfile.core.sql import PSQL
 from fabfile.core.testing import RecordingRun, files_present
@@ -65,6 +67,38 @@ def test_config_renders_and_checks_for_every_ejabberd_host(inventory):
         assert any(lst["port"] == 5222 and lst["starttls_required"] is True for lst in c2s)
         assert data["acl"]["admin"]["user"] == [a if "@" in a else f"{a}@{inv.xmpp.domain}"
                                                 for a in inv.xmpp.admins]
+        # MQTT on 1883 (the port the firewall opens) over TLS, on the same accounts and SQL
+        mqtt = [lst for lst in data["listen"] if lst["module"] == "mod_mqtt"]
+        assert [(lst["port"], lst["tls"]) for lst in mqtt] == [(1883, True)]
+        mods = data["modules"]
+        for module in ("mod_mqtt", "mod_muc", "mod_pubsub"):
+            assert mods[module]["db_type"] == "sql", module
+        assert mods["mod_muc"]["hosts"] == [f"conference.{inv.xmpp.domain}"]
+        assert mods["mod_pubsub"]["hosts"] == [f"pubsub.{inv.xmpp.domain}"]
+        assert topology.xmpp_service_hosts(inv) == mods["mod_muc"]["hosts"] + mods["mod_pubsub"]["hosts"]
+
+
+def test_muc_and_pubsub_use_the_access_rules_the_config_defines(lab):
+    data = config(lab, "e1server")
+    rules, mods = data["access_rules"], data["modules"]
+    muc, pubsub = mods["mod_muc"], mods["mod_pubsub"]
+    assert rules["muc_create"] == {"allow": "local"} and rules["pubsub_createnode"] == {"allow": "local"}
+    assert muc["access_create"] == muc["access_persistent"] == "muc_create"
+    assert muc["access_register"] == "local" and muc["access_admin"] == [{"allow": "admin"}]
+    assert pubsub["access_createnode"] == "pubsub_createnode"
+    # rooms may be made persistent by their owner, are not by default; history is bounded
+    assert muc["default_room_options"]["persistent"] is False
+    assert muc["default_room_options"]["mam"] is False and "mod_mam" not in mods  # no archive to point at
+    assert 0 < muc["history_size"] <= 50
+    assert pubsub["plugins"][0] == "flat" and "pep" in pubsub["plugins"] and "mod_caps" in mods
+    assert pubsub["default_node_config"]["max_items"] <= pubsub["max_items_node"]
+    assert pubsub["force_node_config"]["storage:bookmarks"] == {"access_model": "whitelist"}
+
+
+def test_every_sql_module_has_its_tables_in_the_schema_check():
+    """The tables the deploy checks for are pg.sql's tables of the modules we load
+    (ejabberd 23.01's /usr/share/ejabberd/sql/pg.sql creates them all)."""
+    assert {"users", "muc_room", "pubsub_node", "pubsub_item", "mqtt_pub"} <= set(ejabberd.SCHEMA_TABLES)
 
 
 def test_ejabberdctl_cfg_sets_the_node_name_and_port_window(lab, tmp_path):
@@ -95,6 +129,19 @@ def test_admins_empty_renders_an_empty_list(lab):
 def test_check_config_names_what_is_wrong(text, error):
     with pytest.raises(UserError, match=error):
         ejabberd.check_config(text, "xmpp.lab.test")
+
+
+@pytest.mark.parametrize("tls", [False, None, "true"])
+def test_check_config_refuses_mqtt_without_tls(lab, tls):
+    data = config(lab, "e1server")
+    for lst in data["listen"]:
+        if lst["module"] == "mod_mqtt":
+            if tls is None:
+                del lst["tls"]
+            else:
+                lst["tls"] = tls
+    with pytest.raises(UserError, match="MQTT listener on port 1883 must have tls: true"):
+        ejabberd.check_config(yaml.safe_dump(data), "xmpp.lab.test")
 
 
 def test_check_config_requires_starttls_on_c2s(lab):
@@ -406,10 +453,20 @@ def test_schema_is_loaded_once_as_the_owner_from_the_first_node(lab):
     ejabberd._schema(h, "e1server")
     assert h.changes == [f"{PSQL} -d ejabberd -f -"]
     assert h.stdins == [(h.changes[0], f'SET ROLE "ejabberd";\nBEGIN;\n{schema}\nCOMMIT;\n')]
-    present = RecordingRun(lab, answers={"psql1server": [(r"to_regclass", Result("t\n"))]})
+    # every table there: the probe lists no missing one
+    present = RecordingRun(lab, answers={"psql1server": [(r"to_regclass", Result(""))]})
     ejabberd._schema(present.session("psql1server"), "e1server")
     assert present.session("psql1server").changes == []
     assert present.session("e1server").commands == []  # the schema file is read only when needed
+    probe = shlex.split(present.session("psql1server").commands[0])[-1]
+    assert all(f"'{t}'" in probe for t in ejabberd.SCHEMA_TABLES)
+
+
+def test_schema_without_the_module_tables_is_reported_not_reloaded(lab):
+    run = RecordingRun(lab, answers={"psql1server": [(r"to_regclass", Result("muc_room\nmqtt_pub\n"))]})
+    with pytest.raises(HostFailed, match="has ejabberd's users table but not muc_room, mqtt_pub"):
+        ejabberd._schema(run.session("psql1server"), "e1server")
+    assert run.session("psql1server").changes == [] and run.session("e1server").commands == []
 
 
 def test_join_an_already_joined_node_changes_nothing(lab):
@@ -439,3 +496,184 @@ def test_running_waits_for_the_node_and_shows_the_log_when_it_does_not_start(lab
         (r"^tail -n 20 ", Result("boom: mnesia\n"))]})
     with pytest.raises(Exception, match="ejabberd started as ejabberd@e1server: not after 90 s:\nboom: mnesia"):
         ejabberd._running(run.session("e1server"), False)
+
+
+# --- admin accounts ----------------------------------------------------------------------------
+
+ADMIN_PW = "gen-admin-pw-0123456789abcdef"
+
+
+def admins_inv(lab, admins):
+    return lab.model_copy(update={"xmpp": lab.xmpp.model_copy(update={"admins": admins})})
+
+
+def test_local_admins_are_the_accounts_of_the_domain(lab):
+    inv = admins_inv(lab, ["admin", "Ops@xmpp.lab.test", "admin@xmpp.lab.test", "boss@other.test"])
+    assert ejabberd.local_admins(inv) == ["admin", "ops"]
+    assert ejabberd.admin_secret("ops") == "ejabberd_admin_ops"
+
+
+def test_a_missing_admin_is_registered_with_its_generated_password_on_stdin(lab):
+    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW}, answers={"*": [RUNNING]})
+    h = run.session("e1server")
+    ejabberd._admins(h, ["admin"])
+    assert h.changes == ['ejabberdctl register admin xmpp.lab.test "$(cat)"']
+    assert h.stdins == [(h.changes[0], ADMIN_PW)]
+    assert not any(ADMIN_PW in c for c in h.commands)
+    assert ADMIN_PW not in run.output and ADMIN_PW not in run.report.log_path.read_text()
+    assert h.reported("changed") == [f"registered admin admin@xmpp.lab.test (password: ejabberd_admin_admin in "
+                                     f"{run.secrets.path})"]
+
+
+def test_a_new_admin_password_is_generated_into_the_secrets_file(lab, tmp_path):
+    """The first deploy generates the password (letters and digits) and writes it
+    to the secrets file (0600); the next run reuses it."""
+    from fabfile.core.secrets import Secrets
+
+    path = tmp_path / "site.secrets.yml"
+    run = RecordingRun(lab, secrets=Secrets(path), answers={"*": [RUNNING]})
+    ejabberd._admins(run.session("e1server"), ["admin"])
+    stored = yaml.safe_load(path.read_text())["ejabberd_admin_admin"]
+    assert len(stored) >= 16 and stored.isalnum() and oct(path.stat().st_mode & 0o777) == "0o600"
+    assert run.session("e1server").stdins[0][1] == stored
+    again = RecordingRun(lab, secrets=Secrets(path), answers={"*": [RUNNING]})
+    ejabberd._admins(again.session("e1server"), ["admin"])
+    assert again.session("e1server").stdins[0][1] == stored
+
+
+def test_an_existing_admin_with_its_password_changes_nothing(lab):
+    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW}, answers={"*": [
+        RUNNING, REGISTERED, (r'^ejabberdctl check_password admin xmpp.lab.test "\$\(cat\)"$', Result())]})
+    h = run.session("e1server")
+    ejabberd._admins(h, ["admin"])
+    assert h.changes == []
+    assert h.stdins == [('ejabberdctl check_password admin xmpp.lab.test "$(cat)"', ADMIN_PW)]
+    assert h.reported("ok") == ["admin admin@xmpp.lab.test registered, password as in ejabberd_admin_admin"]
+
+
+def test_an_admin_whose_password_was_changed_is_reported_not_overwritten(lab):
+    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW}, answers={"*": [
+        RUNNING, REGISTERED, (r"^ejabberdctl check_password ", Result(exited=1))]})
+    h = run.session("e1server")
+    ejabberd._admins(h, ["admin"])
+    assert h.changes == []
+    assert not any("change_password" in c or "register " in c for c in h.commands)
+    assert h.reported("changed") == [] and h.reported("failed") == []
+    assert "is not the one in ejabberd_admin_admin: left as it is" in h.reported("ok")[0]
+    assert "ejabberd.change-password admin@xmpp.lab.test --password-file" in run.output
+    assert ADMIN_PW not in run.output
+
+
+def test_a_failing_ejabberdctl_is_not_taken_for_a_missing_admin(lab):
+    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW}, answers={"*": [
+        (r"^ejabberdctl check_account ", Result(stderr="Failed RPC connection to the node ejabberd@e1server\n",
+                                                exited=3))]})
+    with pytest.raises(HostFailed, match="check_account admin xmpp.lab.test` exited 3: Failed RPC"):
+        ejabberd._admins(run.session("e1server"), ["admin"])
+    assert run.session("e1server").changes == []
+
+
+def test_admins_in_check_mode_on_a_fresh_site_say_what_would_be_registered(lab):
+    run = RecordingRun(lab, check=True, answers={"*": [(r"^ejabberdctl ", Result(stderr="not found", exited=127))]})
+    h = run.session("e1server")
+    ejabberd._admins(h, ["admin", "ops"])
+    assert h.changes == [] and h.stdins == []
+    assert h.reported("would change") == [
+        f"would run: registered admin {u}@xmpp.lab.test (password: ejabberd_admin_{u} in {run.secrets.path})"
+        for u in ("admin", "ops")]
+
+
+def test_admin_names_with_metacharacters_are_quoted(lab):
+    # the inventory allows [a-z0-9._-] only; quoting does not depend on it
+    run = RecordingRun(lab, secrets={"ejabberd_admin_x;id": ADMIN_PW}, answers={"*": [RUNNING]})
+    h = run.session("e1server")
+    ejabberd._admins(h, ["x;id"])
+    assert shlex.split(h.changes[0])[:4] == ["ejabberdctl", "register", "x;id", "xmpp.lab.test"]
+
+
+ADMIN_STEP = "ejabberd: admin accounts (xmpp.admins)"
+
+
+def _converge_steps(run):
+    steps = []
+    run.step = lambda title, hosts, action: steps.append((title, list(hosts)))
+    ejabberd.converge(run)
+    return dict(steps)
+
+
+def test_converge_registers_admins_once_on_one_node(lab):
+    run = RecordingRun(lab)
+    steps = _converge_steps(run)
+    assert steps[ADMIN_STEP] == ["e1server"]
+    assert "ejabberd_admin_admin" in run.secrets  # generated before the steps
+    only_second = RecordingRun(lab, only="e2server")
+    assert _converge_steps(only_second)[ADMIN_STEP] == ["e2server"]
+    none = RecordingRun(admins_inv(lab, ["boss@other.test"]))
+    assert ADMIN_STEP not in _converge_steps(none)
+
+
+def test_admin_password_says_where_the_password_is_not_what_it_is(lab, capsys):
+    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW})
+    for name in ("admin", "Admin@xmpp.lab.test"):
+        ejabberd.admin_password.body.runbook(run, name)
+        out = capsys.readouterr().out
+        assert f"admin@xmpp.lab.test: the password is in {run.secrets.path}, key ejabberd_admin_admin" in out
+        assert shlex.split(out.splitlines()[1].split(": ", 1)[1]) == ["grep", "^ejabberd_admin_admin:",
+                                                                      str(run.secrets.path)]
+        assert ADMIN_PW not in out and ADMIN_PW not in run.output
+    assert run.connected == [] and run.all_commands() == []
+    assert ADMIN_PW not in run.report.log_path.read_text()
+
+
+@pytest.mark.parametrize("name, error", [
+    ("bob", "'bob' is not an admin of this site (xmpp.admins: admin@xmpp.lab.test); nothing was read or changed"),
+    ("admin@other.test", "is not an admin of this site"),
+    ("", "'' is not an admin of this site"),
+    ("admin\n", "is not an admin of this site"),
+    ("admin;id", "is not an admin of this site"),
+])
+def test_admin_password_refuses_a_name_that_is_not_an_admin(lab, name, error, capsys):
+    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW})
+    with pytest.raises(UserError) as exc:
+        ejabberd.admin_password.body.runbook(run, name)
+    assert error in str(exc.value)
+    assert capsys.readouterr().out == "" and run.connected == []
+    assert list(run.secrets._values) == ["ejabberd_admin_admin"]  # nothing generated
+
+
+def test_admin_password_of_an_admin_from_another_server_or_not_generated_yet(lab, capsys):
+    inv = admins_inv(lab, ["admin", "boss@other.test"])
+    run = RecordingRun(inv)
+    with pytest.raises(UserError, match="boss@other.test is an admin from another server"):
+        ejabberd.admin_password.body.runbook(run, "boss@other.test")
+    with pytest.raises(UserError, match="no password generated yet .ejabberd_admin_admin is not in .*"
+                                        "`inv ejabberd.deploy` generates it"):
+        ejabberd.admin_password.body.runbook(run, "admin")
+    assert "ejabberd_admin_admin" not in run.secrets  # a read-only task generates nothing
+    assert capsys.readouterr().out == ""
+
+
+def test_admin_password_task_on_the_command_line(tmp_path):
+    """`inv ejabberd.admin-password`: a name that is not an admin is refused with
+    one line and exit 1, no SSH, no secrets file written; an admin's answer names
+    the file and key, not the password."""
+    inv = tmp_path / "site.yml"
+    inv.write_text(LAB.read_text())
+    env = {"INVOKE_INVENTORY": str(inv), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    def inv_run(*args):
+        return subprocess.run([str(ROOT / ".venv/bin/inv"), "ejabberd.admin-password", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env=env)
+
+    out = inv_run("mallory")
+    assert out.returncode == 1 and "'mallory' is not an admin of this site" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert not (tmp_path / "site.secrets.yml").exists()
+    secrets = tmp_path / "site.secrets.yml"
+    secrets.write_text(f"ejabberd_admin_admin: {ADMIN_PW}\n")
+    secrets.chmod(0o600)
+    out = inv_run("admin")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"admin@xmpp.lab.test: the password is in {secrets}, key ejabberd_admin_admin" in out.stdout
+    assert ADMIN_PW not in out.stdout + out.stderr
+    assert secrets.read_text() == f"ejabberd_admin_admin: {ADMIN_PW}\n"

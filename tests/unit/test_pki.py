@@ -76,6 +76,7 @@ def expected_sans(inv, host):
             dns |= set(vip.names)
     if "ejabberd" in h.roles and inv.xmpp:
         dns.add(inv.xmpp.domain)
+        dns |= {f"conference.{inv.xmpp.domain}", f"pubsub.{inv.xmpp.domain}"}  # MUC and pubsub, for s2s
     return dns, ips
 
 
@@ -149,7 +150,8 @@ def test_sans_spelled_out_for_vip_carriers(inv):
         frozenset({"10.200.0.113", "10.200.11.113", "10.200.11.110", "10.200.11.116"}),
     )
     assert pki.Sans.for_host(inv, "e2server") == pki.Sans(
-        frozenset({"e2server", "e2server.lab.test", "xmpp.lab.test"}),
+        frozenset({"e2server", "e2server.lab.test", "xmpp.lab.test", "conference.xmpp.lab.test",
+                   "pubsub.xmpp.lab.test"}),
         frozenset({"10.200.0.11", "10.200.1.3", "10.200.1.4"}),
     )
     assert pki.Sans.for_host(inv, "gw1server") == pki.Sans(
