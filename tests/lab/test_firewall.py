@@ -104,9 +104,12 @@ SAMPLE = [
     ("bk1server", 9101, "e2server", "internal", "gw1server", "internal"),
     # monitoring
     ("mon1server", 9102, "bk1server", "internal", "psql1server", "internal"),
-    ("mon1server", 3000, "machine", "mgmt", "bk1server", "internal"),
-    # spare: nothing but SSH and ping
-    ("r1server", 9100, None, None, "mon1server", "internal"),
+    ("mon1server", 443, "machine", "mgmt", "bk1server", "internal"),  # the monitoring UIs
+    # exporters: from the monitoring host only
+    ("pxc2", 9104, "mon1server", "mail", "pxc1", "mail"),
+    # spare: SSH, ping and its node exporter
+    ("r1server", 9100, "mon1server", "internal", "bk1server", "internal"),
+    ("r1server", 9102, None, None, "bk1server", "internal"),
     # webmail: 80/443 on the webmail VIP only ("@webmail": the front end holding it)
     ("@webmail", 443, "postfix01", "vip", "machine", "mgmt"),
     ("@webmail", 80, "pxc3", "vip", "pxc3", "mail"),
