@@ -108,7 +108,9 @@ def test_ca_certificate_properties(ca):
     assert isinstance(ca.key, ec.EllipticCurvePrivateKey) and ca.key.curve.name == "secp256r1"
     life = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert dt.timedelta(days=3640) < life < dt.timedelta(days=3660)
-    assert cert.not_valid_before_utc < NOW - dt.timedelta(minutes=30), "backdated for clock skew"
+    # the clock now, not at import: a long session (the lab tests first) runs this much later
+    assert cert.not_valid_before_utc < dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=30), \
+        "backdated for clock skew"
 
 
 def test_issue_without_ca_names_the_fix(tmp_path):
@@ -180,8 +182,9 @@ def test_host_certificate_properties(inv, ca):
     cert = pki.sign_host_cert(ca, key.public_key(), "ngx01.lab.test", pki.Sans.for_host(inv, "ngx01"))
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "ngx01.lab.test"
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    assert cert.not_valid_before_utc < NOW - dt.timedelta(minutes=30)
-    assert cert.not_valid_after_utc - NOW > dt.timedelta(days=800)
+    now = dt.datetime.now(dt.timezone.utc)  # not NOW (import time): the session may be long by now
+    assert cert.not_valid_before_utc < now - dt.timedelta(minutes=30)
+    assert cert.not_valid_after_utc - now > dt.timedelta(days=800)
     other = pki.sign_host_cert(ca, key.public_key(), "ngx01.lab.test", pki.Sans.for_host(inv, "ngx01"))
     assert other.serial_number != cert.serial_number and cert.serial_number > 2**64
 
