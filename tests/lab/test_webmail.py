@@ -164,6 +164,9 @@ def test_login_send_and_read_in_a_real_browser(lab, w, browser):
     to.press("Enter")
     page.fill("#compose-subject", subject)
     page.fill("#composebody", "sent by a real browser through Roundcube\n")
+    # the compose screen finishes its own requests (recipient lookup, draft keep-alive)
+    # first: a Send clicked before that was once ignored (CI, 2026-12-01)
+    page.wait_for_load_state("networkidle")
     page.get_by_role("button", name="Send").first.click()
     # Roundcube leaves the compose screen once SMTP accepted the message
     page.wait_for_url(lambda url: "_action=compose" not in url, timeout=60_000)
