@@ -162,22 +162,11 @@ def converge(run: Run) -> None:
         return
     preflight(run)
     run.secrets.get(DES_KEY_SECRET, lambda: token(24))
-    run.step("webmail: certificate present", hosts, _certificate)
+    run.step("webmail: certificate present", hosts, topology.require_certificate)
     run.step("webmail: packages", hosts, lambda h: h.packages(PACKAGES, preseed=DEBCONF))
     run.step("webmail: Roundcube, nginx, php-fpm", hosts, configure)
     first = run.answering(hosts, what="webmail front end")
     run.step("webmail: Roundcube's database schema", [first.name], schema)
-
-
-def _certificate(h: HostSession) -> None:
-    crt, key = topology.cert_path(h.name), topology.key_path(h.name)
-    if not h.probe(f"test -s {q(crt)} && test -s {q(key)}").ok:
-        if h.run.check:
-            h.changed(f"{crt} is missing: `inv pki.deploy` would issue it")
-            return
-        raise HostFailed(f"{crt} or its key is missing: run `inv pki.deploy --hosts {h.name}` first "
-                         "(nothing was changed)")
-    h.ok(f"certificate {crt}")
 
 
 def configure(h: HostSession) -> None:

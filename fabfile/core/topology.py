@@ -36,6 +36,22 @@ def key_path(host: str) -> str:
     return f"{PKI_DIR}/{host}.key"
 
 
+def require_certificate(h) -> None:
+    """The host's certificate and key from our CA are there (`inv pki.deploy` makes
+    them) before a tier configures a service on them; ``h`` is a HostSession. In
+    check mode a missing one is reported as what pki.deploy would do."""
+    from .errors import HostFailed
+
+    crt, key = cert_path(h.name), key_path(h.name)
+    if not h.probe(f"test -s {q(crt)} && test -s {q(key)}").ok:
+        if h.run.check:
+            h.changed(f"{crt} is missing: `inv pki.deploy` would issue it")
+            return
+        raise HostFailed(f"{crt} or its key is missing: run `inv pki.deploy --hosts {h.name}` first "
+                         "(nothing was changed)")
+    h.ok(f"certificate {crt}")
+
+
 # --- PostgreSQL (XMPP service) --------------------------------------------------------------
 
 PG_VERSION = "15"

@@ -278,15 +278,13 @@ class _Exporters:
         # showq sits in postfix's public/ (group postdrop); the mail log is rsyslog's
         # (group adm, as Debian's log readers): made now when postfix has not logged
         # yet, so the exporter finds it and the setting does not change later.
-        groups = h.ensure("id -nG prometheus | tr ' ' '\\n' | grep -qx postdrop", "adduser --quiet prometheus postdrop",
-                          "user prometheus in group postdrop (postfix's showq socket)")
+        groups = _in_group(h, "postdrop", "postfix's showq socket")
         log = "/dev/null"
         if h.installed("rsyslog"):
             log = MAIL_LOG
             h.ensure(f"test -e {MAIL_LOG}", f"install -m 0640 -o root -g adm /dev/null {MAIL_LOG}",
                      f"{MAIL_LOG} exists (rsyslog appends to it)")
-            groups |= h.ensure("id -nG prometheus | tr ' ' '\\n' | grep -qx adm", "adduser --quiet prometheus adm",
-                               "user prometheus in group adm (reads the mail log)")
+            groups |= _in_group(h, "adm", "reads the mail log")
         changed = h.template("monitoring/etc/default/prometheus-postfix-exporter.j2",
                              "/etc/default/prometheus-postfix-exporter", {**v, "mail_log": log})
         h.service(e.package, restart=changed or groups)  # a running process keeps its old groups
@@ -300,12 +298,15 @@ class _Exporters:
         h.service(e.package, restart=changed)
 
 
+def _in_group(h: HostSession, group: str, why: str) -> bool:
+    """The exporters' user in ``group`` (a constant); whether it had to be added."""
+    return h.ensure(f"id -nG prometheus | tr ' ' '\\n' | grep -qx {q(group)}", f"adduser --quiet prometheus {q(group)}",
+                    f"user prometheus in group {group} ({why})")
+
+
 def server(h: HostSession) -> None:
     """Prometheus, its rules, the blackbox exporter, Alertmanager and nginx on the monitoring host."""
-    crt, key = topology.cert_path(h.name), topology.key_path(h.name)
-    if not h.probe(f"test -s {q(crt)} && test -s {q(key)}").ok and not h.run.check:
-        raise HostFailed(f"{crt} or its key is missing: run `inv pki.deploy --hosts {h.name}` first "
-                         "(nothing was changed)")
+    topology.require_certificate(h)
     h.packages(SERVER_PACKAGES, no_start=True)
     v = h.tier_vars(template_vars)
     h.directory("/etc/prometheus/rules")

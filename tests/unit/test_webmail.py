@@ -192,7 +192,7 @@ def test_a_front_end_without_its_certificate_fails_before_any_change():
     run = recording()
     h = run.session("ngx01")
     with pytest.raises(HostFailed, match=r"/etc/ssl/hastack/ngx01.crt or its key is missing: run `inv pki.deploy"):
-        webmail._certificate(h)
+        topology.require_certificate(h)
     assert h.changes == []
 
 
