@@ -39,7 +39,6 @@ import datetime as dt
 import json as jsonlib
 import re
 import xml.etree.ElementTree as ET
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -100,22 +99,6 @@ def red_lines(lines: list[Line]) -> list[Line]:
 
 
 # --- reaching the hosts -------------------------------------------------------------------
-
-
-def reach(run: Run, hosts: list[str]) -> dict[str, str]:
-    """Connect to every host at once; {host: why} for those that cannot be reached."""
-    def one(host: str) -> str | None:
-        try:
-            run.session(host).open()
-        except UserError as exc:
-            return str(exc)
-        return None
-
-    if not hosts:
-        return {}
-    with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
-        errors = dict(zip(hosts, pool.map(one, hosts)))
-    return {host: why for host, why in errors.items() if why}
 
 
 def hosts_lines(hosts: list[str], down: dict[str, str]) -> list[Line]:
@@ -592,7 +575,7 @@ CHECKS: tuple[Callable[[Run, dict[str, str]], list[Line]], ...] = (
 
 def gather_lines(run: Run) -> list[Line]:
     hosts = run.hosts()
-    down = reach(run, hosts)
+    down = run.unreachable(hosts)
     lines = hosts_lines(hosts, down)
     for check in CHECKS:
         lines += check(run, down)

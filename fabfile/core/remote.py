@@ -153,11 +153,17 @@ class Run:
     def connect(self, hosts: Iterable[str]) -> None:
         """Open every connection first, so an unreachable host stops the run
         before any host was changed."""
-        hosts = list(hosts)
-        with ThreadPoolExecutor(max_workers=max(1, min(16, len(hosts)))) as pool:
-            errors = [e for e in pool.map(self._try_connect, hosts) if e]
+        errors = list(self.unreachable(hosts).values())
         if errors:
             raise UserError("cannot reach every host, nothing was changed:\n  " + "\n  ".join(errors))
+
+    def unreachable(self, hosts: Iterable[str]) -> dict[str, str]:
+        """Connect to every host at once; {host: why} for those that cannot be
+        reached (a read-only task goes on with the others)."""
+        hosts = list(hosts)
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(hosts)))) as pool:
+            errors = dict(zip(hosts, pool.map(self._try_connect, hosts)))
+        return {host: why for host, why in errors.items() if why}
 
     def _try_connect(self, host: str) -> str | None:
         try:
