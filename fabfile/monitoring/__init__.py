@@ -234,7 +234,7 @@ def exporters(h: HostSession) -> None:
     # installed stopped: Debian starts each with its defaults (no account, no
     # stub_status yet), it fails and hits its start limit
     h.packages([e.package for e in wanted if e.package], no_start=True)
-    v = h.tier_vars(template_vars)
+    v = h.tier_vars(exporter_vars)  # not the server's (rules, htpasswd hash, Grafana secrets) on every host
     for e in wanted:
         if e.package is None:
             h.ok(f"{e.job}: served by the service itself on port {e.port}")
