@@ -166,6 +166,17 @@ ROUNDCUBE_PLUGINS = (
 )
 
 
+class Postgres(_Model):
+    """PostgreSQL settings of the XMPP service (tier postgres)."""
+
+    # A commit is acknowledged once a standby has it too (synchronous_standby_names:
+    # ANY 1 of the replicas). When no standby has streamed for synchronous_timeout
+    # seconds, the primary's guard turns it off until one streams again (the README's
+    # PostgreSQL section says why and what it costs).
+    synchronous: bool = False
+    synchronous_timeout: int = Field(default=10, ge=1, le=3600)
+
+
 class Webmail(_Model):
     """The webmail front ends (Roundcube on the hosts with role webmail)."""
 
@@ -223,12 +234,19 @@ class Inventory(_Model):
     vips: dict[Name, Vip] = Field(default_factory=dict)
     mail: MailStack | None = None
     xmpp: XmppStack | None = None
+    postgres: Postgres = Postgres()
     webmail: Webmail | None = None
     monitoring: Monitoring | None = None
     lab: Lab | None = None
 
     # Set by load(); not part of the YAML.
     path: Path = Field(default=Path("inventory.yml"), exclude=True)
+    # Roles the roles file (<stem>.roles.yml, written by rescue tasks) put over the
+    # inventory's: {host: the inventory's own roles}, for the hosts it changed.
+    overridden: dict[str, list[str]] = Field(default_factory=dict, exclude=True)
+    # Hosts the roles file retired (replaced by a spare: `inv rescue.replace`): left out
+    # of this inventory, {host: its entry in the inventory file}.
+    retired: dict[str, dict] = Field(default_factory=dict, exclude=True)
 
     # --- what the tiers ask -------------------------------------------------
 
@@ -272,10 +290,20 @@ class Inventory(_Model):
         return {net: a for net, a in self.hosts[host].addresses.items() if net != mgmt}
 
     def service_address(self, host: str) -> str:
-        """The address a host's services answer on: its first address outside the
-        management network, or its management address when it has no other."""
+        """The address a host's services answer on: outside the management network,
+        on the first of its networks that another host of its roles is on too (a
+        spare on the DMZ and the internal network serves an ejabberd role on the
+        DMZ, a PostgreSQL role on the internal one), else its first one; the
+        management address for a host with no other."""
         others = self.non_management(host)
-        return str(next(iter(others.values()))) if others else self.management_address(host)
+        if not others:
+            return self.management_address(host)
+        if len(others) > 1 and self.hosts[host].roles:
+            peers = [p for p in self.with_role(*self.hosts[host].roles) if p != host]
+            for net, address in others.items():
+                if any(net in self.hosts[p].addresses for p in peers):
+                    return str(address)
+        return str(next(iter(others.values())))
 
     def peer_addresses(self, src: str, target: str) -> list[str]:
         """The addresses ``src`` talks to ``target`` from (as /32 CIDRs): its address
@@ -301,6 +329,11 @@ class Inventory(_Model):
     def site_file(self, suffix: str) -> Path:
         """A per-site file beside the inventory, e.g. lab.secrets.yml."""
         return self.folder / f"{self.path.stem}.{suffix}"
+
+    @property
+    def roles_file(self) -> Path:
+        """Where rescue tasks record role changes (lab.roles.yml beside lab.yml)."""
+        return self.site_file("roles.yml")
 
     @property
     def key_file(self) -> Path:
@@ -507,8 +540,11 @@ def _message(err: dict) -> str:
     return f"{msg} (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else msg
 
 
-def parse(text: str, path: Path | str = "<inventory>") -> Inventory:
-    """Parse and validate inventory text; raise InventoryError listing every problem."""
+def parse(text: str, path: Path | str = "<inventory>", roles: dict[str, list[str]] | None = None,
+          retired: list[str] | None = None) -> Inventory:
+    """Parse and validate inventory text; raise InventoryError listing every problem.
+    ``roles``: {host: roles} put over the hosts' roles, ``retired``: hosts left out
+    (the roles file, already checked)."""
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
@@ -518,17 +554,35 @@ def parse(text: str, path: Path | str = "<inventory>") -> Inventory:
         raise InventoryError(path, [("", f"malformed YAML at {where}: {what}")]) from None
     if not isinstance(data, dict):
         raise InventoryError(path, [("", "the inventory must be a YAML mapping")])
+    overridden: dict[str, list[str]] = {}
+    gone: dict[str, dict] = {}
+    if (roles or retired) and isinstance(data.get("hosts"), dict):
+        hosts = dict(data["hosts"])
+        for name, new in (roles or {}).items():
+            if isinstance(hosts.get(name), dict) and sorted(hosts[name].get("roles") or []) != sorted(new):
+                overridden[name] = list(hosts[name].get("roles") or [])
+                hosts[name] = {**hosts[name], "roles": list(new)}
+        for name in retired or []:
+            if isinstance(hosts.get(name), dict):
+                gone[name] = hosts.pop(name)
+        data = {**data, "hosts": hosts}
     try:
-        inv = Inventory.model_validate({**data, "path": Path(path)})
+        inv = Inventory.model_validate({**data, "path": Path(path), "overridden": overridden, "retired": gone})
     except ValidationError as exc:
         raise InventoryError(path, [(_loc(e["loc"]), _message(e)) for e in exc.errors()]) from None
     problems = inv.problems()
     if problems:
+        if overridden or gone:
+            problems.append(("", f"(with the roles file {Path(path).stem}.roles.yml put over it: "
+                             + ", ".join([f"{h}: {', '.join(r)}" for h, r in (roles or {}).items() if h in overridden]
+                                         + [f"{h} retired" for h in gone]) + ")"))
         raise InventoryError(path, problems)
     return inv
 
 
-def load(path: Path | str) -> Inventory:
+def load(path: Path | str, *, roles_file: bool = True) -> Inventory:
+    """The inventory at ``path``, with its roles file (a rescue's record) put over it
+    unless ``roles_file`` is False (the lab: its machines are the file's hosts)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -539,4 +593,89 @@ def load(path: Path | str) -> Inventory:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise InventoryError(path, [("", f"not UTF-8 text (byte {raw[exc.start]:#04x} on line {line})")]) from None
-    return parse(text, path)
+    roles, retired = read_roles_file(path.parent / f"{path.stem}.roles.yml", text) if roles_file else (None, [])
+    return parse(text, path, roles=roles, retired=retired)
+
+
+ROLES_FILE_HEADER = """\
+# Role changes made by rescue tasks (inv postgres.promote, inv rescue.replace,
+# inv ejabberd.remove-node). They are put over the roles of {inventory} for the
+# hosts below (`retired`: hosts replaced by a spare, left out), so that the next
+# deploy does not undo the rescue. Make the same change in {inventory} and
+# delete this file (only those tasks write it).
+"""
+
+
+def read_roles_file(path: Path, inventory_text: str) -> tuple[dict[str, list[str]] | None, list[str]]:
+    """The roles file's {host: roles} and retired hosts, checked (hosts of the
+    inventory, known roles); (None, []) without one."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InventoryError(path, [("", f"cannot read the roles file: {getattr(exc, 'strerror', None) or exc}")]) \
+            from None
+    try:
+        data = yaml.load(raw, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise InventoryError(path, [("", f"malformed YAML: {getattr(exc, 'problem', None) or exc}")]) from None
+    if data is None:
+        return None, []
+    problems: list[tuple[str, str]] = []
+    hosts = data.get("hosts", {}) if isinstance(data, dict) else None
+    retired = data.get("retired", []) if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not data or not set(data) <= {"hosts", "retired"} \
+            or not isinstance(hosts, dict) or not isinstance(retired, list):
+        raise InventoryError(path, [("", "a roles file has 'hosts:' (host name -> list of roles) and/or "
+                                     "'retired:' (a list of host names), nothing else")])
+    try:
+        listed = yaml.safe_load(inventory_text)
+    except yaml.YAMLError:
+        listed = None
+    listed = listed.get("hosts") if isinstance(listed, dict) else None
+    known = set(listed) if isinstance(listed, dict) else set()  # a broken inventory is reported as itself
+    out: dict[str, list[str]] = {}
+    for name, roles in hosts.items():
+        if known and name not in known:
+            problems.append((f"hosts.{name}", "not a host of the inventory"))
+        elif not isinstance(roles, list) or not all(isinstance(r, str) and r in ROLES for r in roles):
+            problems.append((f"hosts.{name}", f"must be a list of roles (known: {', '.join(ROLES)})"))
+        else:
+            out[str(name)] = roles
+    for i, name in enumerate(retired):
+        if not isinstance(name, str) or (known and name not in known):
+            problems.append((f"retired.{i}", f"{name!r} is not a host of the inventory"))
+        elif name in out:
+            problems.append((f"retired.{i}", f"{name} is retired and has roles in 'hosts:' too"))
+    if problems:
+        raise InventoryError(path, problems)
+    return out, [str(n) for n in retired]
+
+
+def save_roles(inv: Inventory, changes: dict[str, list[str]], retire: list[str] = ()) -> Path | None:
+    """Record ``changes`` ({host: its roles from now on}) and ``retire`` (hosts to leave
+    out) in the inventory's roles file, beside what it recorded before; a host whose
+    roles are the inventory's own again is dropped, and the file is removed once
+    nothing differs. Returns the file, or None when it was removed (or not needed)."""
+    path = inv.roles_file
+    current = {name: list(inv.hosts[name].roles) for name in inv.overridden}
+    base = dict(inv.overridden)
+    for name, roles in changes.items():
+        base.setdefault(name, list(inv.hosts[name].roles))
+        current[name] = list(roles)
+    gone = [*inv.retired, *(n for n in retire if n not in inv.retired)]
+    keep = {name: roles for name, roles in current.items() if sorted(roles) != sorted(base[name]) and name not in gone}
+    if not keep and not gone:
+        path.unlink(missing_ok=True)
+        return None
+    record: dict = {}
+    if keep:
+        record["hosts"] = keep
+    if gone:
+        record["retired"] = gone
+    body = ROLES_FILE_HEADER.format(inventory=inv.path.name) + yaml.safe_dump(record, sort_keys=False)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(body, encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -172,6 +172,20 @@ class Run:
             return str(exc)
         return None
 
+    def adopt(self, inv: Inventory) -> None:
+        """Go on with ``inv`` (the same site after a rescue recorded new roles): what
+        this run computed from the old roles (template variables, ...) is forgotten;
+        connections stay open."""
+        with self._memo_lock, self._sessions_lock:
+            self.inv = inv
+            self._memo.clear()
+            for name in [n for n in self._sessions if n not in inv.hosts]:  # retired: not a host any more
+                self._sessions.pop(name).close()
+            for session in self._sessions.values():
+                session.inv = inv
+                session.host = inv.hosts[session.name]
+                session._memo.clear()
+
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
@@ -336,9 +350,9 @@ class HostSession:
         self.run.report.command(self.name, cmd, result, time.monotonic() - started)
         return result
 
-    def probe(self, cmd: str, *, stdin: str | None = None) -> Result:
+    def probe(self, cmd: str, *, stdin: str | None = None, timeout: float | None = None) -> Result:
         """A read-only command: always runs, never counts as a change, may fail."""
-        return self._exec(cmd, stdin=stdin)
+        return self._exec(cmd, stdin=stdin, timeout=timeout)
 
     def read(self, cmd: str) -> str:
         """A read-only command that must succeed; its stdout."""

@@ -67,12 +67,12 @@ class Report:
             if status in ("changed", "would change"):
                 self.changes.append((host, message))
         if not self.quiet:
-            self.console.print(f"  [{STYLE.get(status, '')}]{status:>8}[/] {host}: {message}", markup=True)
+            self.console.print(f"  [{STYLE.get(status, '')}]{status:>8}[/] {host}: {_escape(message)}", markup=True)
         self.log(f"[{host}] {status}: {message}")
 
     def note(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(f"  [dim]{self._mask(message)}[/]")
+            self.console.print(f"  [dim]{_escape(self._mask(message))}[/]")
         self.log(message)
 
     def diff(self, host: str, text: str) -> None:

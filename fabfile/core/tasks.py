@@ -106,12 +106,12 @@ def inventory_path(c: Context) -> Path:
     return path
 
 
-def load_inventory(c: Context) -> Inventory:
+def load_inventory(c: Context, *, roles_file: bool = True) -> Inventory:
     # pydantic and yaml are loaded when a task reads its inventory, not when
     # the tasks are listed (`inv --list` stays fast).
     from .inventory import load
 
-    return load(inventory_path(c))
+    return load(inventory_path(c), roles_file=roles_file)
 
 
 def check_mode(c: Context, flag) -> bool:
@@ -166,6 +166,8 @@ def runbook(*args, readonly: bool = False, **kwargs):
     nothing to change. An error still ends it with the message and status 1,
     and a host that failed is named at the end (status 1 too)."""
 
+    tier = kwargs.pop("tier", None)  # the collection it appears in, when not its module's (rescue's tasks)
+
     def decorate(body):
         sig = inspect.signature(body)
         params = list(sig.parameters.values())[1:]
@@ -183,9 +185,14 @@ def runbook(*args, readonly: bool = False, **kwargs):
 
             try:
                 check = check_mode(c, check)
-                run = Run(load_inventory(c), title=_task_title(body), only=hosts, check=check)
+                run = Run(load_inventory(c), title=_task_title(body, tier), only=hosts, check=check)
             except UserError as exc:
                 raise Exit(f"error: {exc}", code=1) from None
+            if run.inv.overridden or run.inv.retired:
+                run.report.note(f"roles from {run.inv.roles_file} (a rescue's record) over {run.inv.path}: "
+                                + "; ".join([f"{h}: {', '.join(run.inv.hosts[h].roles) or 'no roles'}"
+                                             for h in run.inv.overridden]
+                                            + [f"{h}: retired (left out)" for h in run.inv.retired]))
             try:
                 result = body(run, *a, **kw)
             except UserError as exc:
@@ -201,7 +208,7 @@ def runbook(*args, readonly: bool = False, **kwargs):
                 raise
             except Exception as exc:  # a bug: one line for the operator, the traceback in the log
                 run.report.log(traceback.format_exc())
-                run.report.error(f"internal error in {_task_title(body)}: {type(exc).__name__}: {exc} "
+                run.report.error(f"internal error in {_task_title(body, tier)}: {type(exc).__name__}: {exc} "
                                  f"(traceback in {run.report.log_path})")
                 run.close()
                 raise Exit(code=2) from None
@@ -227,9 +234,10 @@ def runbook(*args, readonly: bool = False, **kwargs):
     return decorate
 
 
-def _task_title(body) -> str:
-    """tier.task-name: the tier is the module (or package) under fabfile/ the task lives in."""
+def _task_title(body, tier: str | None = None) -> str:
+    """tier.task-name: the tier is the module (or package) under fabfile/ the task lives in,
+    or the collection it was declared for (``tier``)."""
     parts = body.__module__.split(".")
-    module = parts[1] if parts[0] == "fabfile" and len(parts) > 1 else parts[-1]
+    module = tier or (parts[1] if parts[0] == "fabfile" and len(parts) > 1 else parts[-1])
     name = body.__name__.rstrip('_').replace('_', '-')
     return name if name == module else f"{module}.{name}"  # a root task (`inv status`) by its own name

@@ -2,4 +2,4 @@
 
 from fabfile.core.tasks import PROJECT_ROOT
 
-INVENTORIES = [p for p in sorted((PROJECT_ROOT / "inventory").glob("*.yml")) if not p.name.endswith(".secrets.yml")]
+INVENTORIES = [p for p in sorted((PROJECT_ROOT / "inventory").glob("*.yml")) if not p.name.endswith((".secrets.yml", ".roles.yml"))]

@@ -75,7 +75,8 @@ def test_xmpp_hosts_have_the_seed_addresses(inv):
         "gw1server": (14, {"dmz": "192.168.1.1", "internal": "192.168.1.9"}),
         "bk1server": (15, {"internal": "192.168.1.12"}),
         "mon1server": (16, {"internal": "192.168.1.13", "mail": "192.168.11.130"}),  # scrapes the mail cluster
-        "r1server": (17, {"internal": "192.168.1.14"}),
+        # the seed's internal address, and one on the DMZ so it can replace an ejabberd node
+        "r1server": (17, {"internal": "192.168.1.14", "dmz": "192.168.1.5"}),
     }
     for host, (last, others) in expected.items():
         addresses = {net: str(a) for net, a in inv.hosts[host].addresses.items()}
