@@ -199,8 +199,13 @@ def converge(run: Run) -> None:
     if first in hosts or prim in run.hosts(topology.PG_PRIMARY):
         run.step("ejabberd: SQL schema on the PostgreSQL primary (once)", [prim], lambda h: _schema(h, first))
     run.step("ejabberd: running", hosts, lambda h: _running(h, changed.get(h.name, False)))
+    members: list[str] | None = None
+    if first in hosts:
+        members = []
+        run.step(f"ejabberd: the cluster as {first} sees it (members the inventory no longer has leave)", [first],
+                 lambda h: members.extend(_cluster_view(h)))
     joiners = [h for h in hosts if h != first]
-    run.step(f"ejabberd: cluster ({node_name(first)})", joiners, lambda h: _join(h, first))
+    run.step(f"ejabberd: cluster ({node_name(first)})", joiners, lambda h: _join(h, first, members))
     admins = local_admins(inv)
     for local in admins:
         run.secret(admin_secret(local))
@@ -335,11 +340,31 @@ def cluster_members(text: str) -> list[str]:
     return [m for m in re.findall(r"ejabberd@[A-Za-z0-9_.-]+", text)]
 
 
-def _join(h: HostSession, first: str) -> None:
+def _cluster_view(h: HostSession) -> list[str]:
+    """The members the first node lists; a member that is no node of the inventory
+    (retired by `inv rescue.replace`, or taken out of the inventory) is removed from
+    the cluster here (`leave_cluster` works for a node that is down too)."""
+    have = h.probe(f"{CTL} list_cluster")
+    members = cluster_members(have.stdout) if have.ok else [node_name(h.name)]
+    wanted = {node_name(n) for n in topology.ejabberd_nodes(h.inv)}
+    stale = [m for m in members if m not in wanted]
+    for m in stale:
+        h.sh(f"{CTL} leave_cluster {q(m)}", message=f"leave_cluster {m}: not an ejabberd node of the inventory",
+             timeout=120)
+    if not stale:
+        h.ok(f"cluster: {', '.join(members)}")
+    return [m for m in members if m not in stale]
+
+
+def _join(h: HostSession, first: str, members: list[str] | None = None) -> None:
+    """``h`` in the cluster of ``first``: as ``first`` sees it (``members``, when it was
+    read), and as ``h`` itself sees it (a node that comes back after it was removed
+    may still list the cluster it was taken out of)."""
     want = node_name(first)
     have = h.probe(f"{CTL} list_cluster")
-    if have.ok and want in cluster_members(have.stdout):
-        h.ok(f"in the cluster: {', '.join(cluster_members(have.stdout))}")
+    mine = cluster_members(have.stdout) if have.ok else []
+    if want in mine and (members is None or node_name(h.name) in members):
+        h.ok(f"in the cluster: {', '.join(mine)}")
         return
     # join_cluster restarts the ejabberd application inside the node, which tells
     # systemd STOPPING=1: the unit would hang in "deactivating" until its stop

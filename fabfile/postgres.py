@@ -16,10 +16,26 @@ Runbook:
    reaches the server); a physical replication slot per replica.
 3. Each replica: when it is already a standby (pg_is_in_recovery) it is left
    alone: never a second base backup. A fresh cluster (only the default
-   databases) is replaced by `pg_basebackup -R -S <slot>` from the primary.
-   A host that is a primary with data of its own is refused (rescue is manual).
+   databases) is replaced by `pg_basebackup -S <slot>` from the primary, then standby.signal (primary_conninfo is in conf.d).
+   A host that is a primary with data of its own is refused (that is a former
+   primary: `inv postgres.rejoin` rewinds it).
+
+Every postgres host also gets (for the rescue tasks, fabfile/rescue.py):
+- wal_log_hints, a rewind role (EXECUTE on the four functions pg_rewind calls,
+  pg_hba: database postgres from the other postgres hosts) and its password in
+  .pgpass, so a former primary rejoins with pg_rewind;
+- primary_conninfo/primary_slot_name in conf.d (a replica streams from the
+  inventory's primary over its own slot; base backups are taken without -R);
+- a start guard (ExecStartPre drop-in): a host about to start as a primary
+  while a peer of the same cluster is on a newer timeline starts read-only;
+- with postgres.synchronous: synchronous_standby_names = ANY 1 (replicas) on
+  the primary, and the sync guard (hastack-pg-syncguard) that turns it off
+  while no standby streams (postgres.synchronous_timeout) and on again.
+A changed setting is reloaded; the server restarts only when one of them needs
+it (pg_settings.pending_restart).
 
 `inv postgres.status` prints each node's role, replication state and lag.
+`inv postgres.promote` and `inv postgres.rejoin`: see fabfile/rescue.py.
 The WAL archive target (the backup host) comes with the backup tier; until then
 /usr/local/lib/hastack/pg-wal-archive accepts every segment without copying it.
 """
@@ -52,11 +68,22 @@ CONF_FILE = f"{ETC}/conf.d/hastack.conf"
 HBA_FILE = f"{ETC}/pg_hba.conf"
 PGPASS = "/var/lib/postgresql/.pgpass"
 ARCHIVE_HOOK = "/usr/local/lib/hastack/pg-wal-archive"
+START_GUARD = "/usr/local/lib/hastack/pg-start-guard"
+GUARD_DROPIN = f"/etc/systemd/system/{UNIT}.service.d/hastack-start-guard.conf"
+SYNC_GUARD = "/usr/local/lib/hastack/pg-syncguard"
+SYNC_GUARD_UNIT = "hastack-pg-syncguard"
+SYNC_GUARD_SERVICE = f"/etc/systemd/system/{SYNC_GUARD_UNIT}.service"
+ASYNC_FILE = f"{ETC}/conf.d/zz-hastack-async.conf"  # written by the sync guard, never by a deploy
+STANDBY_SIGNAL = f"{DATA}/standby.signal"
 PACKAGES = ["postgresql", "postgresql-client"]
 
 DB = topology.XMPP_DB  # the database ejabberd uses, and its owner role
 DB_USER = topology.XMPP_DB_USER
 REPL_USER = "replicator"
+REWIND_USER = "rewind"  # what pg_rewind logs in as (postgres.rejoin): the four functions it needs
+SECRET_REWIND = "postgres_rewind_password"
+REWIND_FUNCTIONS = ("pg_ls_dir(text, boolean, boolean)", "pg_stat_file(text, boolean)",
+                    "pg_read_binary_file(text)", "pg_read_binary_file(text, bigint, bigint, boolean)")
 SECRET_DB = topology.XMPP_DB_SECRET
 SECRET_REPL = "postgres_replication_password"
 PRIMARY_ROLE = topology.PG_PRIMARY
@@ -83,15 +110,20 @@ def require_replica(inv: Inventory, host: str) -> str:
 
 def hba_entries(inv: Inventory, host: str) -> list[dict]:
     """The network lines of pg_hba.conf: the ejabberd nodes to the ejabberd
-    database, every other postgres host to replication; one /32 each."""
+    database, every other postgres host to replication and (as the rewind role,
+    for pg_rewind) to the database postgres; one /32 each."""
     rows = []
+    # By the address each host connects from (topology: a shared network, else across the gateway).
     for node in topology.ejabberd_nodes(inv):
-        rows.append({"database": DB, "user": DB_USER, "address": f"{inv.service_address(node)}/32",
-                     "why": f"ejabberd node {node}"})
+        for address in inv.peer_addresses(node, host):
+            rows.append({"database": DB, "user": DB_USER, "address": address, "why": f"ejabberd node {node}"})
     for node in topology.pg_hosts(inv):
         if node != host:
-            rows.append({"database": "replication", "user": REPL_USER,
-                         "address": f"{inv.service_address(node)}/32", "why": f"streaming replication to {node}"})
+            for address in inv.peer_addresses(node, host):
+                rows.append({"database": "replication", "user": REPL_USER, "address": address,
+                             "why": f"streaming replication to {node}"})
+                rows.append({"database": "postgres", "user": REWIND_USER, "address": address,
+                             "why": f"pg_rewind of {node} from here"})
     return rows
 
 
@@ -100,9 +132,42 @@ def listen_addresses(inv: Inventory, host: str) -> list[str]:
     return ["localhost", inv.service_address(host)]
 
 
+def primary_conninfo(inv: Inventory, host: str) -> str:
+    """A replica's connection to the primary (its own slot and name come from the
+    other settings); empty on the primary."""
+    prim = inv.with_role(PRIMARY_ROLE)
+    if not prim or prim[0] == host:
+        return ""
+    return (f"host={inv.service_address(prim[0])} port={topology.PG_PORT} user={REPL_USER} "
+            f"passfile={PGPASS} application_name={host}")
+
+
+def synchronous_standbys(inv: Inventory, host: str) -> list[str]:
+    """The standbys a commit on the primary ``host`` waits for (ANY 1 of them) when
+    postgres.synchronous is on: the replicas, by name (their application_name)."""
+    if not inv.postgres.synchronous or PRIMARY_ROLE not in inv.hosts[host].roles:
+        return []
+    return [f'"{r}"' for r in topology.pg_replicas(inv)]
+
+
 def template_vars(inv: Inventory, host: str, secret) -> dict:
     prim = inv.with_role(PRIMARY_ROLE)
     return {
+        "pg_data": DATA,
+        "pg_bin": BIN,
+        "pg_etc": ETC,
+        "pg_unit": UNIT,
+        "pgpass": PGPASS,
+        "pg_slot": topology.slot_name(host),
+        "pg_primary_conninfo": primary_conninfo(inv, host),
+        "pg_synchronous_standbys": synchronous_standbys(inv, host),
+        "pg_synchronous_timeout": inv.postgres.synchronous_timeout,
+        "pg_async_file": ASYNC_FILE,
+        "pg_start_guard": START_GUARD,
+        "pg_sync_guard": SYNC_GUARD,
+        "pg_peers": [inv.service_address(n) for n in topology.pg_hosts(inv) if n != host],
+        "pg_rewind_user": REWIND_USER,
+        "pg_rewind_password": secret(SECRET_REWIND),
         "pg_version": VERSION,
         "pg_listen": listen_addresses(inv, host),
         "pg_hba": hba_entries(inv, host),
@@ -152,6 +217,7 @@ def converge(run: Run) -> None:
     prim = topology.pg_primary(inv)
     run.secret(SECRET_DB)
     run.secret(SECRET_REPL)
+    run.secret(SECRET_REWIND)
     run.step("postgres: packages and configuration", run.hosts(PRIMARY_ROLE, REPLICA_ROLE), _configure)
     if prim in run.hosts(PRIMARY_ROLE):
         run.step("postgres: roles, database and replication slots on the primary", [prim], _primary)
@@ -159,11 +225,31 @@ def converge(run: Run) -> None:
 
 
 def _configure(h: HostSession) -> None:
+    conf_changed, hba_changed, guard_changed = _files(h)
+    _apply(h, conf_changed, hba_changed)
+    if h.inv.postgres.synchronous:
+        h.service(SYNC_GUARD_UNIT, restart=guard_changed and not h.run.check)
+
+
+def _files(h: HostSession) -> tuple[bool, bool, bool]:
+    """Packages and every file of the tier; (settings, pg_hba.conf, sync guard) changed."""
     tvars = h.tier_vars(template_vars)
     h.packages(PACKAGES)
     h.directory("/usr/local/lib/hastack", mode="0755")
     h.template("postgres/usr/local/lib/hastack/pg-wal-archive.j2", ARCHIVE_HOOK, tvars, mode="0755",
                validate="sh -n {}")
+    # A former primary must not come back as a primary by itself (postgres.promote).
+    h.template(f"postgres{START_GUARD}.j2", START_GUARD, tvars, mode="0755", validate="sh -n {}")
+    h.directory(GUARD_DROPIN.rsplit("/", 1)[0], mode="0755")
+    units_changed = h.template(f"postgres{GUARD_DROPIN}.j2", GUARD_DROPIN, tvars, mode="0644")
+    guard_changed = False
+    if h.inv.postgres.synchronous:
+        guard_changed = h.template(f"postgres{SYNC_GUARD}.j2", SYNC_GUARD, tvars, mode="0755", validate="sh -n {}")
+        service_changed = h.template(f"postgres{SYNC_GUARD_SERVICE}.j2", SYNC_GUARD_SERVICE, tvars, mode="0644")
+        units_changed |= service_changed
+        guard_changed |= service_changed
+    if units_changed and not h.run.check:
+        h.sh("systemctl daemon-reload", message="systemctl daemon-reload (PostgreSQL's start guard or sync guard)")
     h.directory(f"{ETC}/conf.d", owner="postgres", group="postgres", mode="0755")
     check_conf = (f"runuser -u postgres -- {BIN}/postgres -C listen_addresses "
                   f"-c config_file={ETC}/postgresql.conf >/dev/null")
@@ -171,15 +257,26 @@ def _configure(h: HostSession) -> None:
                               mode="0644", validate=check_conf)
     hba_changed = h.template(f"postgres{HBA_FILE}.j2", HBA_FILE, tvars, owner="postgres", group="postgres",
                              mode="0640")
-    if REPLICA_ROLE in h.host.roles or PRIMARY_ROLE in h.host.roles:
-        # Every postgres host can be a replica (after a promotion): the password file
-        # pg_basebackup and the WAL receiver read.
-        h.template("postgres/var/lib/postgresql/.pgpass.j2", PGPASS, tvars, owner="postgres", group="postgres",
-                   mode="0600")
-    h.service(UNIT, restart=conf_changed and not h.run.check)
-    if hba_changed and not h.run.check and not conf_changed:
-        h.sh(f"systemctl reload {UNIT}", message=f"reload {UNIT} (pg_hba.conf changed)")
-    if hba_changed and not h.run.check:
+    # Every postgres host can be a replica (after a promotion): the password file
+    # pg_basebackup, the WAL receiver, pg_rewind and the start guard read.
+    h.template("postgres/var/lib/postgresql/.pgpass.j2", PGPASS, tvars, owner="postgres", group="postgres",
+               mode="0600")
+    return conf_changed, hba_changed, guard_changed
+
+
+def _apply(h: HostSession, conf_changed: bool, hba_changed: bool) -> None:
+    """Running, with the files in force: a reload, and a restart only when a changed
+    setting needs one (pg_settings.pending_restart)."""
+    h.service(UNIT, reload=(conf_changed or hba_changed) and not h.run.check)
+    if h.run.check:
+        return
+    if conf_changed:
+        _wait_ready(h)
+        pending = h.read(psql_c("SELECT string_agg(name, ', ' ORDER BY name) FROM pg_settings "
+                                "WHERE pending_restart")).strip()
+        if pending:
+            h.sh(f"systemctl restart {UNIT}", message=f"restart {UNIT} ({pending} need a restart)")
+    if hba_changed:
         errors = h.probe(psql_c("SELECT line_number || ': ' || error FROM pg_hba_file_rules WHERE error IS NOT NULL"))
         if errors.stdout.strip():
             raise HostFailed(f"{HBA_FILE}: rejected by PostgreSQL: {errors.stdout.strip()}")
@@ -200,6 +297,8 @@ def _primary(h: HostSession) -> None:
                          "refusing to create roles on it")
     _role(h, DB_USER, h.run.secret(SECRET_DB), "LOGIN")
     _role(h, REPL_USER, h.run.secret(SECRET_REPL), "LOGIN REPLICATION")
+    _role(h, REWIND_USER, h.run.secret(SECRET_REWIND), "LOGIN")
+    _rewind_grants(h)
     exists = h.probe(psql_c(f"SELECT count(*) FROM pg_database WHERE datname = {pg_literal(DB)}")).stdout.strip()
     if exists == "1":
         owner = h.probe(psql_c(f"SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = {pg_literal(DB)}"))
@@ -217,6 +316,7 @@ def _primary(h: HostSession) -> None:
     else:
         h.sh(psql_c(f"ALTER SCHEMA public OWNER TO {pg_ident(DB_USER)}", DB),
              message=f"schema public of {DB}: owner {DB_USER}")
+    _stale_slots(h)
     for replica in topology.pg_replicas(h.inv):
         slot = topology.slot_name(replica)
         have = h.probe(psql_c(f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = {pg_literal(slot)}"))
@@ -225,6 +325,38 @@ def _primary(h: HostSession) -> None:
         else:
             h.sh(psql_c(f"SELECT pg_create_physical_replication_slot({pg_literal(slot)})"),
                  message=f"create physical replication slot {slot} for {replica}")
+
+
+def _stale_slots(h: HostSession) -> None:
+    """A slot of ours (replica_*) whose host is no PostgreSQL host of the inventory any
+    more (retired, replaced, taken out) keeps WAL on the primary forever: dropped once
+    no WAL sender uses it."""
+    ours = {topology.slot_name(n) for n in topology.pg_hosts(h.inv) if n != h.name}
+    have = h.read(psql_c("SELECT slot_name || ' ' || active::text FROM pg_replication_slots "
+                         "WHERE slot_name LIKE 'replica\\_%'")).split("\n")
+    for line in filter(None, (x.strip() for x in have)):
+        slot, active = line.split(" ", 1)
+        if slot in ours:
+            continue
+        if active == "true":
+            h.note(f"slot {slot} belongs to no PostgreSQL host of the inventory but a standby still uses it: "
+                   "left for now (stop PostgreSQL on that host)")
+            continue
+        h.sh(psql_c(f"SELECT pg_drop_replication_slot({pg_literal(slot)})"),
+             message=f"drop replication slot {slot}: its host is no PostgreSQL host of the inventory")
+
+
+def _rewind_grants(h: HostSession) -> None:
+    """EXECUTE on the functions pg_rewind calls, for the rewind role (no superuser)."""
+    have = _scalar(h, "SELECT string_agg(has_function_privilege(" + pg_literal(REWIND_USER) + ", f, 'EXECUTE')::text, ',') "
+                   "FROM unnest(ARRAY[" + ", ".join(pg_literal(f"pg_catalog.{f}") for f in REWIND_FUNCTIONS)
+                   + "]) AS f")
+    if have == ",".join(["true"] * len(REWIND_FUNCTIONS)):
+        h.ok(f"role {REWIND_USER}: EXECUTE on the {len(REWIND_FUNCTIONS)} functions pg_rewind calls")
+        return
+    statement = "".join(f"GRANT EXECUTE ON FUNCTION pg_catalog.{f} TO {pg_ident(REWIND_USER)};\n"
+                        for f in REWIND_FUNCTIONS)
+    h.sh(f"{psql()} -f -", stdin=statement, message=f"role {REWIND_USER}: EXECUTE on the functions pg_rewind calls")
 
 
 def _role(h: HostSession, name: str, password: str, attributes: str) -> None:
@@ -262,20 +394,22 @@ def _replica(h: HostSession) -> None:
     own = sorted(databases - DEFAULT_DATABASES)
     if own:
         raise HostFailed(f"{h.name} is a primary with databases of its own ({', '.join(own)}), not a standby; "
-                         "refusing to wipe it for a base backup (a promoted former replica? rebuild it by hand)")
+                         f"refusing to wipe it for a base backup (a former primary? `inv postgres.rejoin {h.name}`)")
     _basebackup(h, prim, slot)
 
 
 def _basebackup(h: HostSession, prim: str, slot: str) -> None:
     source = h.inv.service_address(prim)
     if h.run.check:
-        h.changed(f"would replace the fresh cluster {DATA} by pg_basebackup -R -S {slot} from {prim} ({source})")
+        h.changed(f"would replace the fresh cluster {DATA} by pg_basebackup -S {slot} from {prim} ({source})")
         return
     cmd = " && ".join([
         f"systemctl stop {UNIT}",
         f"find {DATA} -mindepth 1 -delete",
         f"runuser -u postgres -- env PGPASSFILE={PGPASS} pg_basebackup -h {q(source)} -U {REPL_USER} -D {DATA} "
-        f"-R -S {q(slot)} -X stream -c fast -w",
+        f"-S {q(slot)} -X stream -c fast -w",
+        # primary_conninfo and primary_slot_name are in conf.d/hastack.conf, not in postgresql.auto.conf
+        f"runuser -u postgres -- touch {STANDBY_SIGNAL}",
         f"systemctl start {UNIT}",
     ])
     h.sh(cmd, message=f"base backup from {prim} ({source}) over slot {slot}; started as a streaming standby",
@@ -300,8 +434,12 @@ def _status(h: HostSession) -> None:
             "FROM pg_stat_replication ORDER BY 1")).strip()
         slots = h.read(psql_c("SELECT slot_name || (CASE WHEN active THEN ' active' ELSE ' inactive' END) "
                             "FROM pg_replication_slots ORDER BY 1")).strip()
+        sync = h.read(psql_c("SELECT current_setting('synchronous_standby_names')")).strip()
         h.ok("role primary; replicas: " + ("; ".join(rows.splitlines()) or "none connected")
-             + "; slots: " + (", ".join(slots.splitlines()) or "none"))
+             + "; slots: " + (", ".join(slots.splitlines()) or "none")
+             + (f"; synchronous: {sync}" if sync else "; asynchronous"
+                + (" (the sync guard turned it off: no standby streams)"
+                   if h.probe(f"test -e {ASYNC_FILE}").ok else "")))
     else:
         receiver = h.read(psql_c(
             "SELECT status || ' from ' || sender_host || ' slot ' || coalesce(slot_name, '-') "

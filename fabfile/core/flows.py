@@ -75,6 +75,11 @@ EVERY_HOST: list[Allow] = [
     Allow("tcp", _ssh_port, MGMT, "SSH from the management network"),
 ]
 
+POSTGRES_ROWS = [
+    Allow("tcp", "5432", ("ejabberd", "postgres_primary", "postgres_replica"),
+          "PostgreSQL from ejabberd and the other PostgreSQL hosts"),
+    Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
+]
 TABLE: dict[str, list[Allow]] = {
     # --- XMPP service (seed 004) ----------------------------------------------
     "ejabberd": [
@@ -87,15 +92,10 @@ TABLE: dict[str, list[Allow]] = {
               to_vip="xmpp", when=_monitored),
         Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
     ],
-    "postgres_primary": [
-        Allow("tcp", "5432", ("ejabberd", "postgres_replica"), "PostgreSQL from ejabberd and the replica"),
-        Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
-    ],
-    "postgres_replica": [
-        # ejabberd too: after a promotion this host is the one ejabberd uses.
-        Allow("tcp", "5432", ("ejabberd", "postgres_primary"), "PostgreSQL from ejabberd and the primary"),
-        Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
-    ],
+    # The same rows for both roles: either host may be the primary after a
+    # promotion (postgres.promote), and its firewall then needs no change.
+    "postgres_primary": POSTGRES_ROWS,
+    "postgres_replica": POSTGRES_ROWS,
     "gateway": [
     ],
     "backup": [

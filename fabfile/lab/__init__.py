@@ -55,7 +55,7 @@ def up(c, hosts=None, timeout=None):
     """Start the lab: one booted Debian container per inventory host (idempotent)."""
     # timeout defaults to None, not 180: invoke would parse the option as an int
     # then, and `--timeout abc` would end in its traceback instead of our message.
-    lab_up(load_inventory(c), hosts=hosts, timeout=seconds(180 if timeout is None else timeout))
+    lab_up(load_inventory(c, roles_file=False), hosts=hosts, timeout=seconds(180 if timeout is None else timeout))
 
 
 @task(help={
@@ -64,7 +64,7 @@ def up(c, hosts=None, timeout=None):
 })
 def down(c, purge=False, disks=False):
     """Stop every lab host and remove everything the lab made on this machine."""
-    inv = load_inventory(c)
+    inv = load_inventory(c, roles_file=False)
     require_root("lab.down")
     report = Report("lab.down")
     try:
@@ -79,7 +79,7 @@ def status(c):
     """Show each lab host: state, addresses and memory in use."""
     from rich.table import Table  # here, not at the top: `inv --list` stays fast without rich
 
-    plan = Plan(load_inventory(c))
+    plan = Plan(load_inventory(c, roles_file=False))
     table = Table(title=f"lab {plan.inv.site.name} ({plan.inv.path})")
     for col in ("host", "state", "addresses", "memory", "roles"):
         table.add_column(col, justify="right" if col == "memory" else "left")
@@ -104,7 +104,7 @@ def status(c):
 @task(help={"host": "the lab host to log into", "command": "run this command instead of a shell; exit with its status"})
 def ssh(c, host, command=None):
     """Open a shell on a lab host over SSH, or run one command (-c) and return its exit status."""
-    inv = load_inventory(c)
+    inv = load_inventory(c, roles_file=False)
     plan = Plan(inv)
     plan.host(host)
     if running_pid(plan, host) is None:
@@ -125,7 +125,7 @@ def power(c, host, action):
     """Power one lab host off (hard), on, or show its power state: what fence_lab does."""
     if action not in POWER_ACTIONS:
         raise UserError(f"lab.power: action must be on, off or status, not {action!r}")
-    inv = load_inventory(c)
+    inv = load_inventory(c, roles_file=False)
     plan = Plan(inv)
     plan.host(host)
     if action in ("on", "off"):

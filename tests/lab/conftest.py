@@ -58,12 +58,14 @@ def lab():
     """The running lab: `.inv`/`.inventory` (the Inventory), `.run(host, cmd)` over real SSH."""
     if os.geteuid() != 0:
         pytest.skip("lab tests need root (namespaces, bridges, mounts, containers): run them as root")
-    hosts = LabHosts(load(lab_inventory_path()))
+    hosts = LabHosts(load(lab_inventory_path(), roles_file=False))
     fresh = os.environ.get("HASTACK_LAB_REUSE") != "1"
     started = True
     try:
         if fresh:
             hosts.down(disks=True)
+            # What a rescue recorded about the old hosts is no fact about fresh ones.
+            hosts.inv.roles_file.unlink(missing_ok=True)
         started = bool(hosts.up()["started"])
         yield hosts
     finally:

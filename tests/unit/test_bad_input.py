@@ -42,10 +42,11 @@ def rename_host(old: str, new: str):
 
 class Case:
     def __init__(self, id, argv, expect, *, inventory=None, raw=None, secrets=None, secrets_mode=0o600,
-                 config=None, raw_config=None, stdin=None, env=None):
+                 config=None, raw_config=None, stdin=None, env=None, roles=None):
         self.id, self.argv, self.expect = id, argv, expect if isinstance(expect, list) else [expect]
         self.inventory, self.raw, self.secrets, self.secrets_mode = inventory, raw, secrets, secrets_mode
         self.config, self.raw_config, self.stdin, self.env = config, raw_config, stdin, env or {}
+        self.roles = roles  # bytes of the roles file beside the inventory (site.roles.yml)
 
 
 DEPLOY = ["base.deploy", "--check"]
@@ -195,6 +196,35 @@ C += [
          inventory=_inv(lambda d: (d["mail"].__setitem__("storage", "drbd"), d["mail"].__setitem__("drbd_version", 8)))),
 ]
 
+# --- the roles file a rescue wrote beside the inventory (site.roles.yml) --------------------
+SWAPPED = b"hosts:\n  psql1server: [postgres_replica]\n  psql2server: [postgres_primary]\n"
+C += [Case(id, argv, expect, inventory=_inv(), roles=roles) for id, argv, expect, roles in [
+    ("roles file unknown host", DEPLOY, ["site.roles.yml", "hosts.nosuchhost: not a host of the inventory"],
+     b"hosts:\n  nosuchhost: [postgres_replica]\n"),
+    ("roles file unknown role", DEPLOY, ["site.roles.yml", "hosts.psql2server: must be a list of roles"],
+     b"hosts:\n  psql2server: [postgres_master]\n"),
+    ("roles file roles not a list", ["postgres.promote", "--yes"], ["site.roles.yml", "hosts.psql2server"],
+     b"hosts:\n  psql2server: postgres_primary\n"),
+    ("roles file a list", DEPLOY, ["site.roles.yml", "a roles file ", "'hosts:' (host name -> list of roles)"],
+     b"- psql2server\n"),
+    ("roles file other key", DEPLOY, ["site.roles.yml", "a roles file ", "'hosts:' (host name -> list of roles)"],
+     b"roles:\n  psql2server: [postgres_primary]\n"),
+    ("roles file malformed YAML", ["postgres.rejoin", "psql1server", "--yes"], ["site.roles.yml", "malformed YAML"],
+     b"hosts:\n  psql2server: [postgres_primary\n"),
+    ("roles file duplicate host", DEPLOY, ["site.roles.yml", "duplicate key 'psql2server'"],
+     b"hosts:\n  psql2server: [spare]\n  psql2server: [postgres_primary]\n"),
+    ("roles file retired unknown host", DEPLOY, ["site.roles.yml", "retired.0", "'ghost' is not a host of the inventory"],
+     b"retired: [ghost]\n"),
+    ("roles file not UTF-8", DEPLOY, ["site.roles.yml", "cannot read the roles file"], b"hosts: {psql2server: [\xff]}\n"),
+    ("roles file two primaries", ["postgres.promote", "--yes"],
+     ["site.yml", "role postgres_primary needs exactly 1 host (found 2)"], b"hosts:\n  psql2server: [postgres_primary]\n"),
+    ("rejoin the primary the roles file made", ["postgres.rejoin", "psql2server", "--yes"],
+     ["psql2server is the current primary", "recorded in", "site.roles.yml", "(a rescue's record) over",
+      "psql1server: postgres_replica; psql2server: postgres_primary"], SWAPPED),
+    ("promote the primary the roles file made", ["postgres.promote", "--node", "psql2server", "--yes"],
+     ["--node psql2server: has postgres_primary, not role postgres_replica (replicas: psql1server)"], SWAPPED),
+]]
+
 # --- invoke configs -----------------------------------------------------------------------
 C += [
     Case("config inventory is a list", DEPLOY, ["'inventory'", "one inventory file", "list"],
@@ -263,6 +293,18 @@ C += [Case(id, argv, expect, inventory=OPS, stdin=stdin) for id, argv, expect, s
     ("standby a Galera node", ["cluster.standby", "pxc1"], ["'pxc1' is not a cluster node"], None),
     ("replica unknown host", ["postgres.replica", "nosuch"], ["'nosuch' is not a host of the inventory"], None),
     ("replica the primary", ["postgres.replica", "psql1server"], ["psql1server", "not role postgres_replica"], None),
+    ("promote unknown node", ["postgres.promote", "--node", "nosuchhost", "--yes"],
+     ["--node nosuchhost: not a host of", "site.yml"], None),
+    ("promote node not a replica", ["postgres.promote", "--node", "e1server", "--yes"],
+     ["--node e1server: has ejabberd, not role postgres_replica"], None),
+    ("promote node the primary", ["postgres.promote", "--node", "psql1server", "--yes", "--force"],
+     ["--node psql1server: has postgres_primary, not role postgres_replica"], None),
+    ("rejoin unknown host", ["postgres.rejoin", "nosuchhost", "--yes"], ["'nosuchhost' is not a host of"], None),
+    ("rejoin the current primary", ["postgres.rejoin", "psql1server", "--yes"],
+     ["psql1server is the current primary", "nothing to rejoin"], None),
+    ("rejoin host without a PostgreSQL role", ["postgres.rejoin", "e1server", "--yes"],
+     ["e1server has ejabberd, not a PostgreSQL role"], None),
+    ("rejoin host injection", ["postgres.rejoin", "psql2server;id", "--yes"], ["'psql2server;id' is not a host of"], None),
     ("bootstrap unknown node", ["pxc.bootstrap", "--node", "nosuch"], ["--node nosuch", "not a Galera node"], None),
     ("bootstrap --hosts subset", ["pxc.bootstrap", "--hosts", "pxc1"], ["--hosts must name all of"], None),
     ("pxc deploy --hosts subset", ["pxc.deploy", "--hosts", "pxc1"], ["--hosts must name all of pxc1, pxc2, pxc3"], None),
@@ -325,6 +367,8 @@ def test_bad_input_is_refused_cleanly(case, tmp_path, monkeypatch, capsys, watch
     elif case.secrets is not None:
         secrets.write_bytes(case.secrets)
         secrets.chmod(case.secrets_mode)
+    if case.roles is not None:
+        (tmp_path / "site.roles.yml").write_bytes(case.roles)
     (tmp_path / "cfg.txt").write_text("x\n")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in case.argv]
     if case.config is not None or case.raw_config is not None:

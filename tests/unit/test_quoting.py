@@ -36,7 +36,9 @@ VALID = {
     "description": "a domain", "name": "Bob", "password": "pw-pw-pw-1",
 }
 NODE = {"cluster.standby": "postfix01", "cluster.unstandby": "postfix01", "pxc.bootstrap": None,
-        "postgres.replica": "psql2server"}
+        "postgres.replica": "psql2server", "postgres.rejoin": "psql1server", "ejabberd.remove-node": "e2server"}
+# The rescue tasks' other required names (the tested value replaces one of them).
+RESCUE = {"dead": "e2server", "with_": "r1server"}
 
 def _postfixadmin(cmd, stdin):
     """The Postfixadmin database through the proxy: domain lab.test exists, no mailbox or alias yet."""
@@ -102,6 +104,8 @@ def _kwargs(name: str, task, arg: str, value: str) -> dict:
             kw[p.name] = VALID[p.name]
         elif p.name in ("node", "host") and p.default is inspect.Parameter.empty:
             kw[p.name] = NODE[name]
+        elif p.name in RESCUE:
+            kw[p.name] = RESCUE[p.name]
     if "password" in kw and arg != "password":
         kw["password"] = VALID["password"]
     if "yes" in inspect.signature(task.body.runbook).parameters:
