@@ -887,3 +887,99 @@ def test_sync_guard_turns_it_on_again_when_a_standby_streams(tmp_path, stubs):
 def test_sync_guard_does_nothing_on_a_standby_or_without_a_server(tmp_path, stubs, recovery):
     out, async_file, systemctl = run_sync_guard(tmp_path, stubs, recovery=recovery, turns=8, timeout=2)
     assert not async_file.exists() and systemctl == []
+
+
+# --- rescue.replace and ejabberd.remove-node: refusals, and what they record ----------------------
+
+
+class DownRun(RecordingRun):
+    """Recording hosts; those in ``down`` cannot be connected to."""
+
+    def __init__(self, inv, *, down=(), **kw):
+        self.down = set(down)
+        super().__init__(inv, **kw)
+
+    def _try_connect(self, host):
+        if host in self.down:
+            return f"{host} ({self.inv.management_address(host)}:22): unreachable (no answer in 5s)"
+        return super()._try_connect(host)
+
+
+@pytest.mark.parametrize("dead,spare,roles,what", [
+    ("nosuchhost", "r1server", {}, "'nosuchhost' is not a host of"),
+    ("e2server", "nosuchhost", {}, "--with 'nosuchhost': not a host of"),
+    ("psql1server", "r1server", {}, "psql1server is the PostgreSQL primary: `inv postgres.promote` first"),
+    ("gw1server", "r1server", {}, "gw1server has gateway: rescue.replace moves the role of an ejabberd node"),
+    ("e2server", "psql2server", {}, "--with psql2server: has postgres_replica, not only role spare: it is in use"),
+    ("e2server", "r1server", {"r1server": ["ejabberd"]}, "--with r1server: has ejabberd, not only role spare"),
+])
+def test_replace_refuses_before_connecting(dead, spare, roles, what):
+    run = RecordingRun(lab(roles=roles), secrets=SECRETS)
+    with pytest.raises(UserError, match=re.escape(what)):
+        rescue.replace.body.runbook(run, dead, with_=spare, yes=True)
+    assert run.connected == []
+
+
+def test_replace_refuses_a_spare_without_an_address_on_the_dead_hosts_network():
+    data = lab_data()
+    data["hosts"]["r1server"]["addresses"].pop("dmz")
+    inv = parse(yaml.safe_dump(data, sort_keys=False), ROOT / "inventory/lab.yml")
+    with pytest.raises(UserError, match=re.escape("--with r1server: has no address on network(s) dmz, which "
+                                                  "e2server's role needs")):
+        rescue.check_replace(inv, "e2server", "r1server")
+    assert rescue.check_replace(inv, "psql2server", "r1server") == "postgres_replica"  # internal is enough there
+
+
+def test_replace_refuses_a_dead_host_that_answers_and_changes_nothing(tmp_path):
+    path = site(tmp_path)
+    run = RecordingRun(load(path), secrets=SECRETS)  # every host answers
+    with pytest.raises(UserError, match="e2server answers over SSH: it is not dead.*ejabberd.remove-node"):
+        rescue.replace.body.runbook(run, "e2server", with_="r1server", yes=True)
+    assert not (tmp_path / "lab.roles.yml").exists()
+    assert [c for _, c in run.all_commands()] == []
+
+
+def test_replace_records_the_spare_and_retires_the_dead_host(tmp_path, monkeypatch):
+    path = site(tmp_path)
+    run = DownRun(load(path), secrets=SECRETS, down={"e2server"})
+    converged = []
+    monkeypatch.setattr(rescue, "_reconverge", lambda r: converged.append(
+        (topology.ejabberd_nodes(r.inv), sorted(r.inv.retired))))
+    rescue.replace.body.runbook(run, "e2server", with_="r1server", yes=True)
+    assert converged == [(["e1server", "r1server"], ["e2server"])]
+    record = yaml.safe_load((tmp_path / "lab.roles.yml").read_text())
+    assert record == {"hosts": {"r1server": ["ejabberd"]}, "retired": ["e2server"]}
+    inv = load(path)
+    assert "e2server" not in inv.hosts and inv.hosts["r1server"].roles == ["ejabberd"]
+    # the spare now serves on the DMZ, where the other ejabberd node is
+    assert inv.service_address("r1server") == "10.200.1.5"
+    # ... and as a replica it would serve on the internal network
+    assert lab(roles={"r1server": ["postgres_replica"]}).service_address("r1server") == SPARE_ADDR
+
+
+@pytest.mark.parametrize("host,roles,what", [
+    ("nosuchhost", {}, "'nosuchhost' is not a host of"),
+    ("psql1server", {}, "psql1server has postgres_primary, not role ejabberd"),
+    ("e1server", {"e2server": []}, "e1server is the last ejabberd node"),
+])
+def test_remove_node_refuses_before_connecting(host, roles, what):
+    run = RecordingRun(lab(roles=roles), secrets=SECRETS)
+    with pytest.raises(UserError, match=re.escape(what)):
+        rescue.remove_node.body.runbook(run, host, yes=True)
+    assert run.connected == []
+
+
+def test_remove_node_gives_a_former_spare_its_role_back(tmp_path, monkeypatch):
+    path = site(tmp_path)
+    (tmp_path / "lab.roles.yml").write_text("hosts:\n  r1server: [ejabberd]\nretired: [e2server]\n")
+    members = "ejabberd@e1server\nejabberd@r1server\n"
+    run = RecordingRun(load(path), secrets=SECRETS, answers={
+        "e1server": [(r"list_cluster", Result(stdout=members))],
+        "*": [(r"systemctl show", Result(stdout="ActiveState=active\nUnitFileState=enabled\n"))],
+    })
+    monkeypatch.setattr(rescue, "_reconverge", lambda r: None)
+    monkeypatch.setattr(rescue.keepalived, "_keepalived", lambda h: h.ok("no VIP"))
+    rescue.remove_node.body.runbook(run, "r1server", yes=True)
+    assert "ejabberdctl leave_cluster ejabberd@r1server" in [c for h, c in run.all_commands() if h == "e1server"]
+    assert any("systemctl stop ejabberd" in c for h, c in run.all_commands() if h == "r1server")
+    assert yaml.safe_load((tmp_path / "lab.roles.yml").read_text()) == {"retired": ["e2server"]}
