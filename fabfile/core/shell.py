@@ -19,9 +19,12 @@ __all__ = ["APT_UPDATE", "Result", "q", "join", "retry_loop"]
 # no translations are fetched (half of the download, never used). A connection
 # that stays silent for 30 s fails at once (Acquire::http::Timeout) instead of
 # waiting for the 300 s: apt-cacher-ng, asked for the same InRelease by many
-# hosts in the same second, sometimes never answers one of them.
+# hosts in the same second, sometimes never answers one of them. Before another
+# try the partial downloads go: apt resumes one with a Range request, which
+# apt-cacher-ng 3.7 answered by failing the same refresh again and again.
 APT_UPDATE = ("for try in 1 2 3; do timeout 300 apt-get update -q -o Acquire::Languages=none "
-              "-o Acquire::http::Timeout=30 && break; [ $try = 3 ] && exit 1; sleep 2; done")
+              "-o Acquire::http::Timeout=30 && break; [ $try = 3 ] && exit 1; "
+              "rm -rf /var/lib/apt/lists/partial/*; sleep 2; done")
 
 
 @dataclass
