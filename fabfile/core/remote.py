@@ -36,7 +36,7 @@ from .errors import HostFailed, StepFailed, UserError  # noqa: E402
 from .inventory import Inventory  # noqa: E402
 from .report import Report  # noqa: E402
 from .secrets import Secrets  # noqa: E402
-from .shell import APT_UPDATE, Result, q, retry_loop  # noqa: E402
+from .shell import APT_LOCK_WAIT, APT_UPDATE, Result, q, retry_loop  # noqa: E402
 
 # paramiko's transport threads log a failed handshake (a host that accepts TCP
 # but never sends its SSH banner) with a traceback through Python's last-resort
@@ -416,7 +416,7 @@ class HostSession:
             self.sh(f"printf %s {q(POLICY_RC_TEXT)} > {POLICY_RC} && chmod 0755 {POLICY_RC}",
                     message=f"{POLICY_RC}: no service starts during the install")
         install = ("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "
-                   "-o Dpkg::Options::=--force-confold " + " ".join(q(n) for n in missing))
+                   f"-o Dpkg::Options::=--force-confold {APT_LOCK_WAIT} " + " ".join(q(n) for n in missing))
         try:
             self.sh(
                 f"{install} || ({APT_UPDATE} && {install})",

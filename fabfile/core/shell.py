@@ -22,8 +22,11 @@ __all__ = ["APT_UPDATE", "Result", "q", "join", "retry_loop"]
 # hosts in the same second, sometimes never answers one of them. Before another
 # try the partial downloads go: apt resumes one with a Range request, which
 # apt-cacher-ng 3.7 answered by failing the same refresh again and again.
+# A host's own apt (apt-daily at boot, unattended-upgrades) may hold dpkg's lock
+# when a deploy installs: wait for it rather than fail at once.
+APT_LOCK_WAIT = "-o DPkg::Lock::Timeout=600"
 APT_UPDATE = ("for try in 1 2 3; do timeout 300 apt-get update -q -o Acquire::Languages=none "
-              "-o Acquire::http::Timeout=30 && break; [ $try = 3 ] && exit 1; "
+              f"-o Acquire::http::Timeout=30 {APT_LOCK_WAIT} && break; [ $try = 3 ] && exit 1; "
               "rm -rf /var/lib/apt/lists/partial/*; sleep 2; done")
 
 

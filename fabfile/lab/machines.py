@@ -250,6 +250,13 @@ def prepare_disk(plan: Plan, host: str) -> bool:
         (merged / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
         write(auth, "\n".join([*lines, key]) + "\n", 0o600)
     write(etc / "apt/apt.conf.d/01lab-proxy", APT_PROXY_CONF.format(url=plan.proxy_url))
+    # No apt of its own at boot: sixteen apt-daily runs at once through the proxy
+    # race the deploy for dpkg's lock and for the same index files.
+    for timer in ("apt-daily.timer", "apt-daily-upgrade.timer"):
+        link = etc / "systemd/system" / timer
+        if not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/dev/null")
     return new
 
 
