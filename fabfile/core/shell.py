@@ -12,21 +12,22 @@ from dataclasses import dataclass
 
 __all__ = ["APT_UPDATE", "Result", "q", "join", "retry_loop"]
 
-# apt-get update can hang for good when a proxy or mirror drops a connection in
-# the middle of a reply (all of apt's methods idle, apt waiting): bound each try
-# and try again, instead of hanging the whole run. A try may take 300 s (fresh
-# package lists through a slow link took longer than 120 s three times over);
-# no translations are fetched (half of the download, never used). A connection
-# that stays silent for 30 s fails at once (Acquire::http::Timeout) instead of
-# waiting for the 300 s: apt-cacher-ng, asked for the same InRelease by many
-# hosts in the same second, sometimes never answers one of them. Before another
-# try the partial downloads go: apt resumes one with a Range request, which
-# apt-cacher-ng 3.7 answered by failing the same refresh again and again.
 # A host's own apt (apt-daily at boot, unattended-upgrades) may hold dpkg's lock
 # when a deploy installs: wait for it rather than fail at once.
 APT_LOCK_WAIT = "-o DPkg::Lock::Timeout=600"
-APT_UPDATE = ("for try in 1 2 3; do timeout 300 apt-get update -q -o Acquire::Languages=none "
-              f"-o Acquire::http::Timeout=30 {APT_LOCK_WAIT} && break; [ $try = 3 ] && exit 1; "
+# apt-get update can hang for good when a proxy or mirror drops a connection in
+# the middle of a reply (all of apt's methods idle, apt waiting): each try is
+# bounded and another follows. The first is short (60 s: a hung one costs little),
+# the others may take 300 s (fresh package lists through a slow link took longer
+# than 120 s). No translations are fetched (half of the download, never used); a
+# connection silent for 30 s fails (Acquire::http::Timeout). The partial downloads
+# go before another try: apt resumes them with Range requests, which apt-cacher-ng
+# 3.7 failed again and again. And the first try waits 0-7.5 s, differently on each
+# host: apt-cacher-ng 3.7 fails a refresh of an index file that two hosts ask for
+# in the same second, and a whole site's first `apt-get update` starts at once.
+APT_UPDATE = ("j=$(cksum < /etc/hostname | cut -d' ' -f1); sleep $((j % 8)).$((j / 8 % 2 * 5)); n=0; "
+              "for t in 60 300 300; do n=$((n + 1)); timeout $t apt-get update -q -o Acquire::Languages=none "
+              f"-o Acquire::http::Timeout=30 {APT_LOCK_WAIT} && break; [ $n = 3 ] && exit 1; "
               "rm -rf /var/lib/apt/lists/partial/*; sleep 2; done")
 
 

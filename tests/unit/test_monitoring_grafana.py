@@ -348,7 +348,7 @@ def test_a_fresh_host_gets_the_key_the_repository_grafana_its_files_and_a_runnin
     tools = at(r"^DEBIAN_FRONTEND=noninteractive apt-get install .* ca-certificates curl gpg \|\|")
     keyring = at(r"^mv -f /etc/apt/keyrings/grafana\.asc\.hastack-new /etc/apt/keyrings/grafana\.asc$")
     source = at(r"^mv -f /etc/apt/sources\.list\.d/grafana\.list\.hastack-new ")
-    update = at(r"^for try in 1 2 3; do timeout 300 apt-get update")
+    update = at(r"^j=\$\(cksum < /etc/hostname .*timeout \$t apt-get update")
     package = at(r"^DEBIAN_FRONTEND=noninteractive apt-get install .* grafana \|\|")
     group = at(r"^usermod -a -G ssl-cert grafana$")
     ini_at = at(r"^mv -f /etc/grafana/grafana\.ini\.hastack-new ")
