@@ -10,7 +10,7 @@ import time
 
 from ..core import UserError
 from ..core.wait import TimedOut, poll
-from .plan import MIRROR, SECURITY_MIRROR, SUITE, Plan
+from .plan import MIRROR, SECURITY_MIRROR, Plan
 from .system import find, tail, write
 
 ACNG_CONF = """\
@@ -30,15 +30,13 @@ Remap-secdeb: security.debian.org security.debian.org/debian-security deb.debian
 ExThreshold: 4
 # Sixteen hosts asking for the same InRelease at once can make apt-cacher-ng 3.7
 # replace its cache entry twice in one second ("Failure to move file ... out of
-# the way") and fail the request, over and over (the clients then hang). So
-# `inv lab.up` fetches the suites' InRelease once itself (prewarm), and index
-# files fetched in the last hour are served without asking upstream again: a
-# deploy's many `apt-get update`s never refresh at once; the hosts' apt retries
-# with a timeout (APT_PROXY_CONF).
+# the way") and fail the request. Index files fetched in the last 10 minutes are
+# served without asking upstream again, so a deploy's many `apt-get update`s do
+# not refresh at once; the hosts' apt retries with a timeout (APT_PROXY_CONF).
 # (Passing Release files through uncached is no cure: on pass-through 3.7 sends
 # the client's Host and User-Agent headers twice, and an HTTP proxy between here
 # and the archive may answer 400.)
-FreshIndexMaxAge: 3600
+FreshIndexMaxAge: 600
 """
 
 # What each host's apt is told (machines.prepare_disk writes it on every start).
@@ -49,29 +47,6 @@ Acquire::http::Proxy "{url}";
 Acquire::Retries "3";
 Acquire::http::Timeout "30";
 """
-
-
-def index_urls() -> list[str]:
-    """The InRelease files of the suites the hosts' sources.list names."""
-    return [f"{MIRROR}/dists/{SUITE}/InRelease", f"{MIRROR}/dists/{SUITE}-updates/InRelease",
-            f"{SECURITY_MIRROR}/dists/{SUITE}-security/InRelease"]
-
-
-def prewarm(plan: Plan) -> list[str]:
-    """Fetch the suites' InRelease through the proxy, one after the other, so that the
-    hosts' first `apt-get update`s (all at once) find them fresh in the cache. Returns
-    what could not be fetched (the hosts' own retries cover it)."""
-    import urllib.request
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": plan.proxy_url}))
-    failed = []
-    for url in index_urls():
-        try:
-            with opener.open(url, timeout=60) as reply:
-                reply.read()
-        except OSError as exc:
-            failed.append(f"{url}: {exc}")
-    return failed
 
 
 def acng_pids(plan: Plan) -> list[int]:

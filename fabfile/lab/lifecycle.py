@@ -22,7 +22,7 @@ from ..core.secrets import Secrets
 from ..core.topology import FENCE_LAB_PORT, FENCE_LAB_SECRET
 from ..core.wait import TimedOut, poll
 from . import machines, networks
-from .apt_proxy import acng_pids, ensure_apt_proxy, listening, prewarm
+from .apt_proxy import acng_pids, ensure_apt_proxy, listening
 from .machines import NSPAWN_TMPFS
 from .networks import NETNS_DIR
 from .plan import STATE_DIR, Plan
@@ -93,9 +93,6 @@ def _up(plan: Plan, selected: list[str], timeout: float, report: Report) -> dict
                                               f"{plan.bridges[plan.mgmt]} has {plan.bridge_interface}")
         if ensure_apt_proxy(plan):
             _result(report, MACHINE, "changed", f"started apt-cacher-ng on {plan.proxy_url} (cache {plan.apt_cache})")
-        missed = prewarm(plan)
-        _result(report, MACHINE, "ok", "apt proxy: the suites' InRelease fetched once, fresh for the hosts"
-                + (f" (not fetched: {'; '.join(missed)})" if missed else ""))
         if ensure_fence_listener(plan):  # before the hosts boot: their cluster monitors it at once
             _result(report, MACHINE, "changed", f"started the fence_lab power listener on {plan.bridge_interface.ip}")
         built = machines.ensure_root(plan, report)
