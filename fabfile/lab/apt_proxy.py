@@ -30,9 +30,13 @@ Remap-secdeb: security.debian.org security.debian.org/debian-security deb.debian
 ExThreshold: 4
 # Sixteen hosts asking for the same InRelease at once can make apt-cacher-ng 3.7
 # replace its cache entry twice in one second ("Failure to move file ... out of
-# the way") and fail the request. Index files fetched in the last 10 minutes are
-# served without asking upstream again, so a deploy's many `apt-get update`s do
-# not refresh at once; the hosts' apt retries with a timeout (APT_PROXY_CONF).
+# the way") and fail the request, again on the clients' retries. Index files
+# fetched in the last 10 minutes are meant to be served without asking upstream
+# again (3.7 still revalidated InRelease on each request here). What keeps a
+# deploy going is the hosts' side: `apt-get update` tries with a short first
+# timeout, after a pause that differs per host, without the partial downloads
+# of a failed try (APT_UPDATE in fabfile/core/shell.py), and apt retries
+# (APT_PROXY_CONF).
 # (Passing Release files through uncached is no cure: on pass-through 3.7 sends
 # the client's Host and User-Agent headers twice, and an HTTP proxy between here
 # and the archive may answer 400.)
