@@ -16,7 +16,8 @@ Runbook:
    reaches the server); a physical replication slot per replica.
 3. Each replica: when it is already a standby (pg_is_in_recovery) it is left
    alone: never a second base backup. A fresh cluster (only the default
-   databases) is replaced by `pg_basebackup -S <slot>` from the primary, then standby.signal (primary_conninfo is in conf.d).
+   databases) is replaced by `pg_basebackup -S <slot>` from the primary, then
+   standby.signal (primary_conninfo is in conf.d).
    A host that is a primary with data of its own is refused (that is a former
    primary: `inv postgres.rejoin` rewinds it).
 
@@ -348,9 +349,9 @@ def _stale_slots(h: HostSession) -> None:
 
 def _rewind_grants(h: HostSession) -> None:
     """EXECUTE on the functions pg_rewind calls, for the rewind role (no superuser)."""
-    have = _scalar(h, "SELECT string_agg(has_function_privilege(" + pg_literal(REWIND_USER) + ", f, 'EXECUTE')::text, ',') "
-                   "FROM unnest(ARRAY[" + ", ".join(pg_literal(f"pg_catalog.{f}") for f in REWIND_FUNCTIONS)
-                   + "]) AS f")
+    functions = ", ".join(pg_literal(f"pg_catalog.{f}") for f in REWIND_FUNCTIONS)
+    have = _scalar(h, f"SELECT string_agg(has_function_privilege({pg_literal(REWIND_USER)}, f, 'EXECUTE')::text, ',') "
+                   f"FROM unnest(ARRAY[{functions}]) AS f")
     if have == ",".join(["true"] * len(REWIND_FUNCTIONS)):
         h.ok(f"role {REWIND_USER}: EXECUTE on the {len(REWIND_FUNCTIONS)} functions pg_rewind calls")
         return
@@ -406,8 +407,7 @@ def _basebackup(h: HostSession, prim: str, slot: str) -> None:
     cmd = " && ".join([
         f"systemctl stop {UNIT}",
         f"find {DATA} -mindepth 1 -delete",
-        f"runuser -u postgres -- env PGPASSFILE={PGPASS} pg_basebackup -h {q(source)} -U {REPL_USER} -D {DATA} "
-        f"-S {q(slot)} -X stream -c fast -w",
+        basebackup(source, slot),
         # primary_conninfo and primary_slot_name are in conf.d/hastack.conf, not in postgresql.auto.conf
         f"runuser -u postgres -- touch {STANDBY_SIGNAL}",
         f"systemctl start {UNIT}",
@@ -415,8 +415,24 @@ def _basebackup(h: HostSession, prim: str, slot: str) -> None:
     h.sh(cmd, message=f"base backup from {prim} ({source}) over slot {slot}; started as a streaming standby",
          timeout=1800)
     _wait_ready(h)
-    h.wait_for(psql_c("SELECT status FROM pg_stat_wal_receiver") + " | grep -qx streaming", timeout=30,
-               what=f"{h.name}: the standby started, its WAL receiver streaming from {prim}")
+    wait_streaming(h, timeout=30)
+
+
+def basebackup(source: str, slot: str) -> str:
+    """pg_basebackup from the primary at ``source`` into the empty data directory, over ``slot``
+    (no -R: a standby's settings are in conf.d)."""
+    return (f"runuser -u postgres -- env PGPASSFILE={PGPASS} pg_basebackup -h {q(source)} -U {REPL_USER} "
+            f"-D {DATA} -S {q(slot)} -X stream -c fast -w")
+
+
+def wait_streaming(h: HostSession, timeout: int = 60) -> None:
+    """Until the standby's WAL receiver streams from the inventory's primary."""
+    prim = topology.pg_primary(h.inv)
+    address = h.inv.service_address(prim)
+    h.wait_for(psql_c("SELECT status || ' ' || sender_host FROM pg_stat_wal_receiver")
+               + f" | grep -qx {q('streaming ' + address)}", timeout=timeout,
+               what=f"{h.name}: its WAL receiver streaming from {prim} ({address})")
+    h.ok(f"streaming from {prim} ({address})")
 
 
 # --- status ---------------------------------------------------------------------------------

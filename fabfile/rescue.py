@@ -267,25 +267,15 @@ def promote(run, node=None, yes=False, force=False):
     run.report.note(f"{decision.chosen} is the primary ({promoted - started:.1f} s after the task started); "
                     f"roles recorded in {inv.roles_file}. Make the same change in {inv.path}: "
                     f"{inventory_edit(inv, roles)}, then delete {inv.roles_file.name}")
-    answering = [n for n in topology.pg_hosts(run.inv) if states[n].reachable and (n != old or decision.fence)]
-    followers = [n for n in answering if n not in (old, decision.chosen) and states[n].running]
+    followers = [n for n in topology.pg_hosts(run.inv) if n not in (old, decision.chosen) and states[n].running]
     run.step("postgres: settings with the new roles", [decision.chosen, *followers], postgres._configure)
     run.step("postgres: roles, database and replication slots on the new primary", [decision.chosen],
              postgres._primary)
     if followers:
-        run.step("postgres: the other replicas stream from the new primary", followers, _streaming)
+        run.step("postgres: the other replicas stream from the new primary", followers, postgres.wait_streaming)
     ejabberd.converge(run)
     run.report.note(f"ejabberd uses {decision.chosen}; {time.monotonic() - started:.1f} s in all. "
                     f"When {old} is back (it starts read-only): inv postgres.rejoin {old}")
-
-
-def _streaming(h: HostSession) -> None:
-    prim = topology.pg_primary(h.inv)
-    address = h.inv.service_address(prim)
-    h.wait_for(psql_c("SELECT status || ' ' || sender_host FROM pg_stat_wal_receiver")
-               + f" | grep -qx {q('streaming ' + address)}", timeout=60,
-               what=f"{h.name}: its WAL receiver streaming from {prim} ({address})")
-    h.ok(f"streaming from {prim} ({address})")
 
 
 # --- rejoin ----------------------------------------------------------------------------------
@@ -295,7 +285,7 @@ def _rejoin(h: HostSession, prim: str, fresh: bool) -> None:
     """``h`` stopped, rewound onto ``prim`` (or rebuilt from a base backup), a standby of it."""
     source = h.inv.service_address(prim)
     h.sh(f"systemctl stop {postgres.UNIT}", message=f"stop {postgres.UNIT}")
-    conf_changed, hba_changed, guard_changed = postgres._files(h)
+    _, hba_changed, guard_changed = postgres._files(h)
     rewind = (f"runuser -u postgres -- env PGPASSFILE={postgres.PGPASS} {postgres.BIN}/pg_rewind "
               f"--target-pgdata={postgres.DATA} --config-file={postgres.ETC}/postgresql.conf "
               f"--source-server={q(f'host={source} port={topology.PG_PORT} user={postgres.REWIND_USER} dbname=postgres')}")
@@ -312,15 +302,14 @@ def _rejoin(h: HostSession, prim: str, fresh: bool) -> None:
         aside = f"{postgres.DATA}.before-rejoin-{time.strftime('%Y%m%d%H%M%S')}"
         h.sh(f"mv {postgres.DATA} {aside} && install -d -o postgres -g postgres -m 0700 {postgres.DATA}",
              message=f"the old data directory kept as {aside}")
-        h.sh(f"runuser -u postgres -- env PGPASSFILE={postgres.PGPASS} pg_basebackup -h {q(source)} "
-             f"-U {postgres.REPL_USER} -D {postgres.DATA} -S {q(topology.slot_name(h.name))} -X stream -c fast -w",
+        h.sh(postgres.basebackup(source, topology.slot_name(h.name)),
              message=f"base backup from {prim} ({source})", timeout=1800)
     h.sh(f"rm -f {postgres.ASYNC_FILE} && runuser -u postgres -- touch {postgres.STANDBY_SIGNAL} "
          f"&& systemctl start {postgres.UNIT}", message="standby.signal; started as a standby")
     postgres._apply(h, False, hba_changed)
     if h.inv.postgres.synchronous:
         h.service(postgres.SYNC_GUARD_UNIT, restart=guard_changed)
-    _streaming(h)
+    postgres.wait_streaming(h)
 
 
 @runbook(tier="postgres", positional=["host"], help={

@@ -520,26 +520,16 @@ def test_primary_already_converged_changes_nothing(lab):
     assert "role rewind: EXECUTE on the 4 functions pg_rewind calls" in h.reported("ok")
 
 
-def test_primary_resets_a_password_that_is_not_the_sites(lab):
-    roles = {**converged_roles(), "ejabberd": postgres.scram_verifier("someone else's")}
+@pytest.mark.parametrize("role,password", [("ejabberd", "db-pw-of-ejabberd"), ("rewind", "rewind-pw")])
+def test_primary_resets_a_password_that_is_not_the_sites(lab, role, password):
+    roles = {**converged_roles(), role: postgres.scram_verifier("someone else's")}
     run = RecordingRun(lab, secrets=SECRETS, answers={"*": [READY]},
                        responder=primary_facts(roles=roles, database=True, slot=True))
     h = run.session("psql1server")
     postgres._primary(h)
     assert h.changes == [f"{PSQL} -d postgres -f -"]
-    assert h.stdins[0][1].startswith('ALTER ROLE "ejabberd" WITH LOGIN PASSWORD ')
-    assert postgres.scram_matches(h.stdins[0][1].split("'")[1], "db-pw-of-ejabberd")
-
-
-def test_primary_resets_the_rewind_password_that_is_not_the_sites(lab):
-    roles = {**converged_roles(), "rewind": postgres.scram_verifier("someone else's")}
-    run = RecordingRun(lab, secrets=SECRETS, answers={"*": [READY]},
-                       responder=primary_facts(roles=roles, database=True, slot=True))
-    h = run.session("psql1server")
-    postgres._primary(h)
-    assert h.changes == [f"{PSQL} -d postgres -f -"]
-    assert h.stdins[0][1].startswith('ALTER ROLE "rewind" WITH LOGIN PASSWORD ')
-    assert postgres.scram_matches(h.stdins[0][1].split("'")[1], "rewind-pw")
+    assert h.stdins[0][1].startswith(f'ALTER ROLE "{role}" WITH LOGIN PASSWORD ')
+    assert postgres.scram_matches(h.stdins[0][1].split("'")[1], password)
 
 
 def test_a_slot_of_a_host_outside_the_inventory_is_dropped_once_unused(lab):
@@ -572,7 +562,9 @@ def test_a_streaming_standby_is_left_alone(lab):
 
 
 def test_a_fresh_replica_is_replaced_by_a_base_backup_over_its_slot(lab):
-    run = RecordingRun(lab, secrets=SECRETS, answers={"*": [READY, (r"grep -qx streaming", Result())]},
+    # the wait answers only when it checks the receiver streams from the primary's address
+    run = RecordingRun(lab, secrets=SECRETS, answers={"*": [READY, (r"grep -qx 'streaming 10\.200\.1\.10'",
+                                                                     Result())]},
                        responder=sql({"SELECT pg_is_in_recovery()": "f\n",
                                       "SELECT datname FROM pg_database": "postgres\ntemplate0\ntemplate1\n"}))
     h = run.session("psql2server")
