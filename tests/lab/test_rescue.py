@@ -34,9 +34,10 @@ from fabfile import ejabberd, postgres
 from fabfile import lab as labmod
 from fabfile.core import topology
 from fabfile.core.inventory import load
-from fabfile.core.secrets import Secrets, token
+from fabfile.core.secrets import token
 from tests.lab.labhost import INV_BIN, PROJECT_ROOT, recap
-from tests.lab.test_xmpp import CLIENT, PSQL, cluster_of, in_netns, ok, wait_for, wait_started
+from tests.lab.test_xmpp import (CLIENT, PSQL, cluster_of, deployed_with_users, in_netns, ok, wait_for,
+                                 wait_started)
 
 pytestmark = pytest.mark.lab
 
@@ -150,18 +151,9 @@ def pg(lab, tmp_path_factory):
     if inv.xmpp is None or not topology.pg_replicas(inv):
         pytest.skip("the lab inventory has no XMPP service with a PostgreSQL replica")
     assert inv.postgres.synchronous, "the lab inventory turns synchronous replication on"
-    hosts = inv.with_role("ejabberd", "postgres_primary", "postgres_replica", "gateway")
-    ok(lab.invoke("deploy.common", "--hosts", ",".join(hosts)))
-    ok(lab.invoke("deploy.xmpp"))
-    secrets = Secrets(inv.site_file("secrets.yml"), persist=False)
     folder = tmp_path_factory.mktemp("rescue")
-    ca = folder / "ca.crt"
-    ca.write_text(secrets.require("pki_ca_cert"))
-    users = {"rescuer1": token(16), "rescuer2": token(16)}
-    for user, password in users.items():
-        ok(lab.invoke("ejabberd.register-user", user, "--password", password, "--update"))
+    secrets, ca, users, gateway = deployed_with_users(lab, folder, ["rescuer1", "rescuer2"])
     vip = inv.vips["xmpp"]
-    gateway = next(h for h in inv.with_role("gateway") if vip.network in inv.hosts[h].addresses)
     primary, replica = topology.pg_primary(inv), topology.pg_replicas(inv)[0]
     sql(lab, primary, "CREATE TABLE IF NOT EXISTS rescue_probe (id int PRIMARY KEY, at timestamptz DEFAULT now())")
     sql(lab, primary, "ALTER TABLE rescue_probe OWNER TO ejabberd")

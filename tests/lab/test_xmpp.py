@@ -64,19 +64,9 @@ def xmpp(lab, tmp_path_factory):
     inv = lab.inv
     if inv.xmpp is None:
         pytest.skip("the lab inventory has no XMPP service")
-    hosts = inv.with_role("ejabberd", "postgres_primary", "postgres_replica", "gateway")
-    ok(lab.invoke("deploy.common", "--hosts", ",".join(hosts)))
-    first = lab.invoke("deploy.xmpp")
-    ok(first)
-    vip = inv.vips["xmpp"]
-    gateway = next(h for h in inv.with_role("gateway") if vip.network in inv.hosts[h].addresses)
-    secrets = Secrets(inv.site_file("secrets.yml"), persist=False)
     folder = tmp_path_factory.mktemp("xmpp")
-    ca = folder / "ca.crt"
-    ca.write_text(secrets.require("pki_ca_cert"))
-    users = {"alice": token(16), "bob": token(16)}
-    for user, password in users.items():
-        ok(lab.invoke("ejabberd.register-user", user, "--password", password, "--update"))
+    secrets, ca, users, gateway = deployed_with_users(lab, folder, ["alice", "bob"])
+    vip = inv.vips["xmpp"]
     return SimpleNamespace(
         inv=inv, domain=inv.xmpp.domain, vip=str(vip.address), vip_network=vip.network,
         nodes=topology.ejabberd_nodes(inv), primary=topology.pg_primary(inv), replicas=topology.pg_replicas(inv),
@@ -86,6 +76,26 @@ def xmpp(lab, tmp_path_factory):
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def deployed_with_users(lab, folder: Path, names: list[str]) -> tuple[Secrets, Path, dict[str, str], str]:
+    """The XMPP service deployed (the common tiers on its hosts, then deploy.xmpp),
+    ``names`` registered with fresh passwords; (the site's secrets, the site CA as a
+    file in ``folder``, {user: password}, the gateway on the xmpp VIP's network,
+    where clients run)."""
+    inv = lab.inv
+    hosts = inv.with_role("ejabberd", "postgres_primary", "postgres_replica", "gateway")
+    ok(lab.invoke("deploy.common", "--hosts", ",".join(hosts)))
+    ok(lab.invoke("deploy.xmpp"))
+    vip = inv.vips["xmpp"]
+    gateway = next(h for h in inv.with_role("gateway") if vip.network in inv.hosts[h].addresses)
+    secrets = Secrets(inv.site_file("secrets.yml"), persist=False)
+    ca = folder / "ca.crt"
+    ca.write_text(secrets.require("pki_ca_cert"))
+    users = {name: token(16) for name in names}
+    for user, password in users.items():
+        ok(lab.invoke("ejabberd.register-user", user, "--password", password, "--update"))
+    return secrets, ca, users, gateway
 
 
 def in_netns(lab, host: str, script: str, stdin: str, timeout: float = 120) -> dict:
