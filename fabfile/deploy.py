@@ -2,7 +2,9 @@
 
 Order: the tiers every host gets (base -> firewall -> gateway -> pki), then the
 XMPP service and the mail cluster, each only when the inventory describes it,
-then monitoring (its exporters need the services and their accounts).
+then monitoring (its exporters need the services and their accounts), then
+Bacula (its jobs back up hosts of both systems and the monitoring host). The
+WAL archive (walarchive) follows PostgreSQL in the XMPP chain.
 keepalived serves a VIP of each system: the XMPP chain ends with the xmpp VIP,
 the mail chain with the webmail VIP (after Roundcube, which its check watches).
 The two systems run side by side when no host belongs to both (each still in
@@ -13,9 +15,9 @@ tier module has `converge(run)`; a new tier adds itself to one list here.
 from invoke import Collection
 
 from . import base, firewall, gateway, pki
-from . import ejabberd, keepalived, postgres
+from . import ejabberd, keepalived, postgres, walarchive
 from . import dbproxy, mail, pxc
-from . import cluster, drbd, monitoring, webmail
+from . import backup, cluster, drbd, monitoring, webmail
 from .core import runbook, topology
 
 class _Vips:
@@ -30,7 +32,7 @@ class _Vips:
 
 
 COMMON = [base, firewall, gateway, pki]  # the gateway forwards once its FORWARD chain is in place
-XMPP = [postgres, ejabberd, _Vips("xmpp")]
+XMPP = [postgres, walarchive, ejabberd, _Vips("xmpp")]
 class _TableGrants:
     """pxc's accounts step again: a grant on one table waits until the mail tier made it."""
 
@@ -41,6 +43,8 @@ class _TableGrants:
 # -> grants on the mail tier's tables -> webmail and its VIP
 MAIL = [pxc, dbproxy, mail, drbd, cluster, _TableGrants, webmail, _Vips("webmail")]
 MONITORING = [monitoring]
+# Bacula's clients may be hosts of either system and the monitoring host (its data).
+BACKUP = [backup]
 XMPP_ROLES = (topology.EJABBERD, topology.PG_PRIMARY, topology.PG_REPLICA)
 MAIL_ROLES = (topology.GALERA, topology.MAIL_BACKEND, topology.WEBMAIL)
 
@@ -75,7 +79,7 @@ def all(run):
         systems["xmpp"] = XMPP
     if run.inv.mail is not None:
         systems["mail"] = MAIL
-    _preflight(run, COMMON + [t for tiers in systems.values() for t in tiers] + MONITORING)
+    _preflight(run, COMMON + [t for tiers in systems.values() for t in tiers] + MONITORING + BACKUP)
     for tier in COMMON:
         tier.converge(run)
     shared = set(run.inv.with_role(*XMPP_ROLES)) & set(run.inv.with_role(*MAIL_ROLES))
@@ -85,7 +89,7 @@ def all(run):
             _chain(run, tiers)()
     else:
         run.side_by_side({name: _chain(run, tiers) for name, tiers in systems.items()})
-    _chain(run, MONITORING)()
+    _chain(run, MONITORING + BACKUP)()
 
 
 @runbook
@@ -112,4 +116,10 @@ def monitoring_(run):
     _converge(run, MONITORING)
 
 
-ns = Collection("deploy", all, common, xmpp, mail, monitoring_)
+@runbook(name="backup")
+def backup_(run):
+    """Only Bacula: the director, storage and catalog on the backup host, the file daemons (the systems must have run)."""
+    _converge(run, BACKUP)
+
+
+ns = Collection("deploy", all, common, xmpp, mail, monitoring_, backup_)

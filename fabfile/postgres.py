@@ -37,23 +37,21 @@ it (pg_settings.pending_restart).
 
 `inv postgres.status` prints each node's role, replication state and lag.
 `inv postgres.promote` and `inv postgres.rejoin`: see fabfile/rescue.py.
-The WAL archive target (the backup host) comes with the backup tier; until then
-/usr/local/lib/hastack/pg-wal-archive accepts every segment without copying it.
+The WAL archive: archive_command ships each segment to the backup host
+(`pgbackrest archive-push`, or in nfs mode /usr/local/lib/hastack/pg-wal-archive
+onto the automounted export; fabfile/walarchive.py configures both) and fails
+while it cannot, so PostgreSQL keeps the segment; archive_mode is off when the
+inventory has no backup host.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import os
-import re
 from typing import TYPE_CHECKING
 
 from invoke import Collection
 
 from .core import HostFailed, UserError, q, runbook, topology
-from .core.sql import pg_ident, pg_literal, psql, psql_c
+from .core.sql import pg_ident, pg_literal, psql, psql_c, scram_matches, scram_verifier
 
 if TYPE_CHECKING:
     from .core import HostSession, Run
@@ -89,7 +87,6 @@ SECRET_DB = topology.XMPP_DB_SECRET
 SECRET_REPL = "postgres_replication_password"
 PRIMARY_ROLE = topology.PG_PRIMARY
 REPLICA_ROLE = topology.PG_REPLICA
-SCRAM_ITERATIONS = 4096
 DEFAULT_DATABASES = {"postgres", "template0", "template1"}
 
 
@@ -151,6 +148,14 @@ def synchronous_standbys(inv: Inventory, host: str) -> list[str]:
     return [f'"{r}"' for r in topology.pg_replicas(inv)]
 
 
+def archive_command(inv: Inventory) -> str:
+    """PostgreSQL's archive_command for backup.wal_archive ('' without an archive)."""
+    mode = topology.wal_archive(inv)
+    if mode == "pgbackrest":  # `pgbackrest check` wants its own command there
+        return f"pgbackrest --stanza={topology.PG_STANZA} archive-push %p"
+    return f"{ARCHIVE_HOOK} %p %f" if mode == "nfs" else ""
+
+
 def template_vars(inv: Inventory, host: str, secret) -> dict:
     prim = inv.with_role(PRIMARY_ROLE)
     return {
@@ -176,38 +181,13 @@ def template_vars(inv: Inventory, host: str, secret) -> dict:
         "pg_db_user": DB_USER,
         "pg_repl_user": REPL_USER,
         "pg_archive_hook": ARCHIVE_HOOK,
+        "pg_archive_command": archive_command(inv),
+        "pg_wal_archive": topology.wal_archive(inv),
+        "pg_stanza": topology.PG_STANZA,
+        "pg_wal_mount": topology.WAL_MOUNT,
         "pg_primary_address": inv.service_address(prim[0]) if prim else "",
         "pg_replication_password": secret(SECRET_REPL),
     }
-
-
-# --- SCRAM verifiers (RFC 5802 / 7677, as PostgreSQL stores them) -------------------
-
-
-def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
-    """The `SCRAM-SHA-256$iter:salt$StoredKey:ServerKey` PostgreSQL keeps for ``password``."""
-    if not password:
-        raise UserError("an empty password has no SCRAM verifier")
-    salt = salt if salt is not None else os.urandom(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-    stored_key = hashlib.sha256(client_key).digest()
-    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
-    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
-
-
-def scram_matches(verifier: str | None, password: str) -> bool:
-    """Whether a stored verifier is the one of ``password`` (False for md5/none/garbage)."""
-    m = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+):([A-Za-z0-9+/=]+)",
-                     (verifier or "").strip())
-    if not m:
-        return False
-    try:
-        salt = base64.b64decode(m[2], validate=True)
-    except ValueError:
-        return False
-    return hmac.compare_digest(scram_verifier(password, salt=salt, iterations=int(m[1])), m[0])
 
 
 # --- the runbook -----------------------------------------------------------------------
@@ -237,8 +217,11 @@ def _files(h: HostSession) -> tuple[bool, bool, bool]:
     tvars = h.tier_vars(template_vars)
     h.packages(PACKAGES)
     h.directory("/usr/local/lib/hastack", mode="0755")
-    h.template("postgres/usr/local/lib/hastack/pg-wal-archive.j2", ARCHIVE_HOOK, tvars, mode="0755",
-               validate="sh -n {}")
+    if topology.wal_archive(h.inv) == "nfs":  # the copy onto the automounted export
+        h.template("postgres/usr/local/lib/hastack/pg-wal-archive.j2", ARCHIVE_HOOK, tvars, mode="0755",
+                   validate="sh -n {}")
+    elif h.probe(f"test -e {ARCHIVE_HOOK}").ok:
+        h.sh(f"rm -f {ARCHIVE_HOOK}", message=f"{ARCHIVE_HOOK} removed (the WAL archive is not in nfs mode)")
     # A former primary must not come back as a primary by itself (postgres.promote).
     h.template(f"postgres{START_GUARD}.j2", START_GUARD, tvars, mode="0755", validate="sh -n {}")
     h.directory(GUARD_DROPIN.rsplit("/", 1)[0], mode="0755")
@@ -438,6 +421,28 @@ def wait_streaming(h: HostSession, timeout: int = 60) -> None:
 # --- status ---------------------------------------------------------------------------------
 
 
+ARCHIVER_QUERY = (
+    "SELECT current_setting('archive_mode') || '|' || archived_count || '|' || coalesce(last_archived_wal, '') "
+    "|| '|' || coalesce(to_char(last_archived_time, 'YYYY-MM-DD HH24:MI:SS'), '') || '|' || failed_count || '|' "
+    "|| coalesce(last_failed_wal, '') || '|' || coalesce(to_char(last_failed_time, 'YYYY-MM-DD HH24:MI:SS'), '') "
+    "|| '|' || (SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready') FROM pg_stat_archiver")
+
+
+def archiver_line(text: str) -> str:
+    """pg_stat_archiver in words: the last archived segment, the failures, the backlog."""
+    parts = text.strip().split("|")
+    if len(parts) != 8:
+        return f"archiver: unknown ({text.strip()[:80]!r})"
+    mode, count, last, last_at, failed, failed_wal, failed_at, ready = parts
+    if mode == "off":
+        return "archiver: off (no WAL archive)"
+    line = f"archiver: {count} archived, last {last or '-'}" + (f" at {last_at}" if last_at else "")
+    if int(failed or 0):
+        newer = failed_at > last_at if failed_at and last_at else bool(failed_at)
+        line += f"; {failed} failed, last {failed_wal} at {failed_at}" + (" (FAILING NOW)" if newer else "")
+    return line + f"; {ready} waiting"
+
+
 def _status(h: HostSession) -> None:
     in_recovery = h.probe(psql_c("SELECT pg_is_in_recovery()"))
     if not in_recovery.ok:
@@ -455,7 +460,8 @@ def _status(h: HostSession) -> None:
              + "; slots: " + (", ".join(slots.splitlines()) or "none")
              + (f"; synchronous: {sync}" if sync else "; asynchronous"
                 + (" (the sync guard turned it off: no standby streams)"
-                   if h.probe(f"test -e {ASYNC_FILE}").ok else "")))
+                   if h.probe(f"test -e {ASYNC_FILE}").ok else ""))
+             + "; " + archiver_line(h.read(psql_c(ARCHIVER_QUERY))))
     else:
         receiver = h.read(psql_c(
             "SELECT status || ' from ' || sender_host || ' slot ' || coalesce(slot_name, '-') "

@@ -25,6 +25,7 @@ ANYONE = "anyone"  # no source restriction (public service ports)
 MGMT = "management network"  # the inventory's management CIDR
 LOCAL_NETS = "local networks"  # every non-management network the target host is on
 WEBMAIL_CLIENTS = "webmail clients"  # webmail.client_networks of the inventory, else LOCAL_NETS
+BACKUP_CLIENTS = "backup clients"  # the hosts backup.jobs names (Bacula's file daemons)
 
 Ports = Union[str, Callable[["Inventory"], str]]
 
@@ -39,6 +40,7 @@ class Allow:
     why: str = ""  # becomes the rule's iptables comment
     to_vip: str | None = None  # only to this VIP (inventory name), if the inventory has it
     when: Callable[[Inventory], bool] | None = None  # only for inventories where this holds
+    on: Callable[[Inventory, str], bool] | None = None  # only on the hosts where this holds
 
 
 def _ssh_port(inv: Inventory) -> str:
@@ -58,6 +60,14 @@ def _drbd(inv: Inventory) -> bool:
     return inv.mail is not None and inv.mail.storage == "drbd"
 
 
+def _pgbackrest(inv: Inventory) -> bool:
+    return topology.wal_archive(inv) == "pgbackrest"
+
+
+def _nfs(inv: Inventory) -> bool:
+    return topology.wal_archive(inv) == "nfs"
+
+
 def _monitored(inv: Inventory) -> bool:
     return topology.monitoring_host(inv) is not None
 
@@ -66,19 +76,22 @@ def _grafana(inv: Inventory) -> bool:
     return _monitored(inv) and inv.monitoring.grafana
 
 
-# Hosts that carry a Bacula file daemon, and hosts with a node exporter (seed 004).
-BACULA_CLIENTS = ("ejabberd", "postgres_primary", "postgres_replica", "monitoring")
+def _bacula_client(inv: Inventory, host: str) -> bool:
+    return host in topology.backup_clients(inv)
+
+
 POSTGRES = ("postgres_primary", "postgres_replica")
 
 EVERY_HOST: list[Allow] = [
     Allow("icmp", "echo-request", ANYONE, "ping"),
     Allow("tcp", _ssh_port, MGMT, "SSH from the management network"),
+    Allow("tcp", "9102", ("backup",), "bacula-fd from the director", on=_bacula_client),
 ]
 
 POSTGRES_ROWS = [
     Allow("tcp", "5432", ("ejabberd", "postgres_primary", "postgres_replica"),
           "PostgreSQL from ejabberd and the other PostgreSQL hosts"),
-    Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
+    Allow("tcp", "8432", ("backup",), "pgBackRest (TLS) from the backup host: base backups", when=_pgbackrest),
 ]
 TABLE: dict[str, list[Allow]] = {
     # --- XMPP service (seed 004) ----------------------------------------------
@@ -90,7 +103,6 @@ TABLE: dict[str, list[Allow]] = {
         Allow("vrrp", "", ("ejabberd",), "keepalived VRRP between the xmpp VIP peers"),
         Allow("tcp", "5223", ("monitoring",), "XMPP (TLS) probe of the monitoring host (across the gateway)",
               to_vip="xmpp", when=_monitored),
-        Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
     ],
     # The same rows for both roles: either host may be the primary after a
     # promotion (postgres.promote), and its firewall then needs no change.
@@ -99,14 +111,15 @@ TABLE: dict[str, list[Allow]] = {
     "gateway": [
     ],
     "backup": [
-        Allow("tcp", "9101", BACULA_CLIENTS, "bacula-dir from its clients"),
-        Allow("tcp", "9103", BACULA_CLIENTS, "bacula-sd from its clients"),
-        Allow("tcp", "2049", POSTGRES, "NFSv4 WAL archive and base backups"),
+        # bconsole talks to the director on the host itself: 9101 stays closed.
+        Allow("tcp", "9103", BACKUP_CLIENTS, "bacula-sd from the file daemons of the backup jobs"),
+        Allow("tcp", "2049", POSTGRES, "NFSv4 WAL archive and base backups", when=_nfs),
+        Allow("tcp", "8432", POSTGRES + ("spare",), "pgBackRest (TLS): WAL archive, base backups, restores",
+              when=_pgbackrest),
     ],
     "monitoring": [
         Allow("tcp", "443", MGMT, "Prometheus and Alertmanager (nginx, HTTPS) for the operators", when=_monitored),
         Allow("tcp", "3000", MGMT, "Grafana for the operators", when=_grafana),
-        Allow("tcp", "9102", ("backup",), "bacula-fd from the director"),
     ],
     "spare": [],
     # --- mail cluster (seed 000) ----------------------------------------------
@@ -182,7 +195,7 @@ def allowed_sources(inv: Inventory, target: str, allow: Allow) -> list[str | Non
         nets = inv.non_management(target) or {inv.management_network: None}
         return [str(inv.networks[net].cidr) for net in nets]
     out: list[str | None] = []
-    for src in inv.with_role(*allow.sources):
+    for src in source_hosts(inv, allow) or []:
         if src != target:
             out += [a for a in inv.peer_addresses(src, target) if a not in out]
     return out
@@ -199,7 +212,17 @@ def rows(inv: Inventory, host: str, table: dict[str, list[Allow]] | None = None,
     out = list(EVERY_HOST if every_host is None else every_host)
     for role in inv.hosts[host].roles:
         out += table.get(role, [])
-    return [a for a in out if a.when is None or a.when(inv)]
+    return [a for a in out if (a.when is None or a.when(inv)) and (a.on is None or a.on(inv, host))]
+
+
+def source_hosts(inv: Inventory, allow: Allow) -> list[str] | None:
+    """The hosts a row's sources name (roles, or the backup clients); None for a
+    source that is a network or anyone."""
+    if isinstance(allow.sources, tuple):
+        return inv.with_role(*allow.sources)
+    if allow.sources == BACKUP_CLIENTS:
+        return topology.backup_clients(inv)
+    return None
 
 
 def input_rules(inv: Inventory, host: str, table: dict[str, list[Allow]] | None = None,
@@ -279,13 +302,14 @@ def forward_rules(inv: Inventory, gw: str, table=None) -> list[Rule]:
         if target in routers or not on[target]:
             continue
         for allow in rows(inv, target, table):
-            if not isinstance(allow.sources, tuple):
+            sources = source_hosts(inv, allow)
+            if sources is None:
                 continue  # anyone / management / local nets: not routed through here
             dst = str(inv.hosts[target].addresses[on[target][0]]) + "/32"
             vip = inv.vips.get(allow.to_vip) if allow.to_vip else None
             if vip is not None and vip.network in segs:
                 dst = f"{vip.address}/32"
-            for src in inv.with_role(*allow.sources):
+            for src in sources:
                 if src in (target, *routers) or not on[src] or set(on[src]) & set(on[target]):
                     continue
                 addr = f"{inv.hosts[src].addresses[on[src][0]]}/32"

@@ -219,6 +219,59 @@ class Monitoring(_Model):
     scrape_interval: int = Field(default=15, ge=1, le=300)
 
 
+BACKUP_JOB = re.compile(r"[a-z][a-z0-9-]{0,39}")
+ABS_PATH = r"^/([A-Za-z0-9._+-]+/?)*$"
+ONCALENDAR = r"^[A-Za-z0-9 ,:*./~-]+$"  # a systemd OnCalendar expression (checked by systemd-analyze on the host)
+
+
+class BackupJob(_Model):
+    """One Bacula job: what one client sends to the backup host (seed 004's jobs)."""
+
+    client: Name
+    # The fileset: absolute paths on the client.
+    paths: list[str] = Field(default_factory=list)
+    # A PostgreSQL database dumped (pg_dump, ClientRunBeforeJob) on the client just
+    # before the job, and removed after it; the dump's folder is added to the fileset.
+    pg_dump: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]{0,62}$")
+    # The seed's two cycles: monthly (Full on the 1st, Differential on the 15th,
+    # Incremental the other days, at 01:00) or hourly (Full at 01:00, Differential
+    # at 13:00, Incremental every other hour). Default: hourly for a dump, else monthly.
+    schedule: Literal["monthly", "hourly"] | None = None
+
+    @field_validator("paths")
+    @classmethod
+    def _absolute(cls, value: list[str]) -> list[str]:
+        from pydantic_core import PydanticCustomError
+
+        for path in value:
+            if not re.fullmatch(ABS_PATH, path) or "/../" in f"{path}/" or "/./" in f"{path}/":
+                raise PydanticCustomError("path", "not an absolute path without . or ..: {path!r}", {"path": path})
+        return value
+
+
+class Backup(_Model):
+    """Backups (seed 004): Bacula on the host with role backup, and the WAL archive
+    and base backups of the PostgreSQL hosts."""
+
+    # The storage daemon's file volumes on the backup host.
+    volume_dir: str = Field(default="/srv/bacula/volumes", pattern=ABS_PATH)
+    # Bacula jobs by name (the seed's e1-fs, psql2-dump, mon1-grfn, ...).
+    jobs: dict[str, BackupJob] = Field(default_factory=dict)
+    # The seed's retention cycle, per pool (Volume Retention in days).
+    full_retention_days: int = Field(default=29, ge=1, le=3650)
+    diff_retention_days: int = Field(default=29, ge=1, le=3650)
+    incr_retention_days: int = Field(default=7, ge=1, le=3650)
+    # The WAL archive and base backups of the PostgreSQL hosts: `pgbackrest` (its
+    # repository on the backup host, TLS with the site's CA; runs in containers) or
+    # `nfs` (the seed's: an NFS export on the backup host; needs the nfsd module).
+    wal_archive: Literal["pgbackrest", "nfs"] = "pgbackrest"
+    wal_archive_dir: str = Field(default="/srv/pgbackrest", pattern=ABS_PATH)
+    # When base backups run (systemd OnCalendar, on the backup host), and how many full ones are kept.
+    base_backup_full: str = Field(default="Sun *-*-* 01:30", pattern=ONCALENDAR)
+    base_backup_diff: str = Field(default="Mon..Sat *-*-* 01:30", pattern=ONCALENDAR)
+    base_backups_kept: int = Field(default=2, ge=1, le=100)
+
+
 class Lab(_Model):
     """Settings only the embedded lab reads (bridge names, cached root)."""
 
@@ -237,6 +290,7 @@ class Inventory(_Model):
     postgres: Postgres = Postgres()
     webmail: Webmail | None = None
     monitoring: Monitoring | None = None
+    backup: Backup = Backup()
     lab: Lab | None = None
 
     # Set by load(); not part of the YAML.
@@ -249,6 +303,11 @@ class Inventory(_Model):
     retired: dict[str, dict] = Field(default_factory=dict, exclude=True)
 
     # --- what the tiers ask -------------------------------------------------
+
+    @property
+    def backup_jobs(self) -> dict[str, "BackupJob"]:
+        """backup.jobs without those of retired hosts (a rescue replaced them)."""
+        return {n: j for n, j in self.backup.jobs.items() if j.client not in self.retired}
 
     @cached_property
     def management_network(self) -> str:
@@ -470,6 +529,23 @@ class Inventory(_Model):
                 add("hosts", "role ejabberd needs at least 1 host (found 0)")
             if counts["postgres_primary"] != 1:
                 add("hosts", f"role postgres_primary needs exactly 1 host (found {counts['postgres_primary']})")
+        if self.backup_jobs and counts["backup"] != 1:
+            add("backup.jobs", f"Bacula jobs need exactly one host with role backup (found {counts['backup']})")
+        if counts["backup"] > 1:
+            add("hosts", f"role backup needs at most 1 host (found {counts['backup']})")
+        for name, job in self.backup.jobs.items():
+            where = f"backup.jobs.{name}"
+            if not BACKUP_JOB.fullmatch(name):
+                add(where, "not a job name (lower-case letters, digits and '-', starting with a letter, at most 40)")
+            if job.client in self.retired:
+                continue  # replaced by a spare (rescue.replace): the job waits for the inventory's edit
+            if job.client not in self.hosts:
+                add(f"{where}.client", f"unknown host '{job.client}'")
+            elif job.pg_dump is not None and job.client not in self.overridden and not {
+                    "postgres_primary", "postgres_replica"} & set(self.hosts[job.client].roles):
+                add(f"{where}.pg_dump", f"{job.client} is not a PostgreSQL host (pg_dump runs on the client)")
+            if not job.paths and job.pg_dump is None:
+                add(where, "nothing to back up: give paths, pg_dump or both")
         for role in ("galera", "mail_backend", "webmail") if self.mail is None else ():
             if counts[role]:
                 add("mail", f"hosts have role {role} but the inventory has no 'mail' section")

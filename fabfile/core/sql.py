@@ -5,8 +5,13 @@ input; a statement on the command line is quoted with ``shell.q``."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+import os
+import re
 
+from .errors import UserError
 from .shell import q
 
 # --- PostgreSQL ----------------------------------------------------------------------
@@ -77,3 +82,35 @@ def mysql_e(statement: str, **kw) -> str:
 def mysql_native_hash(password: str) -> str:
     """mysql_native_password's stored form: '*' + upper hex SHA1(SHA1(password))."""
     return "*" + hashlib.sha1(hashlib.sha1(password.encode()).digest()).hexdigest().upper()
+
+
+SCRAM_ITERATIONS = 4096
+
+
+# --- SCRAM verifiers (RFC 5802 / 7677, as PostgreSQL stores them) -------------------
+
+
+def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
+    """The `SCRAM-SHA-256$iter:salt$StoredKey:ServerKey` PostgreSQL keeps for ``password``."""
+    if not password:
+        raise UserError("an empty password has no SCRAM verifier")
+    salt = salt if salt is not None else os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def scram_matches(verifier: str | None, password: str) -> bool:
+    """Whether a stored verifier is the one of ``password`` (False for md5/none/garbage)."""
+    m = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+):([A-Za-z0-9+/=]+)",
+                     (verifier or "").strip())
+    if not m:
+        return False
+    try:
+        salt = base64.b64decode(m[2], validate=True)
+    except ValueError:
+        return False
+    return hmac.compare_digest(scram_verifier(password, salt=salt, iterations=int(m[1])), m[0])

@@ -79,6 +79,32 @@ def pg_hosts(inv: Inventory) -> list[str]:
 # --- ejabberd ----------------------------------------------------------------------------
 
 
+# The WAL archive and base backups of the PostgreSQL hosts (tier walarchive; the
+# postgres tier's archive hook ships each segment through it).
+PG_STANZA = "xmpp"  # pgBackRest's name for the XMPP service's cluster
+WAL_MOUNT = "/var/lib/postgresql/walarchive"  # nfs mode: the backup host's export, automounted
+
+
+def backup_host(inv: Inventory) -> str | None:
+    hosts = inv.with_role(BACKUP)
+    return hosts[0] if hosts else None
+
+
+def backup_clients(inv: Inventory) -> list[str]:
+    """The hosts Bacula backs up (the clients of backup.jobs), when there is a backup host."""
+    if backup_host(inv) is None:
+        return []
+    return list(dict.fromkeys(job.client for job in inv.backup_jobs.values()))
+
+
+def wal_archive(inv: Inventory) -> str | None:
+    """How the PostgreSQL hosts archive WAL: backup.wal_archive (pgbackrest, nfs) when
+    there are PostgreSQL hosts and a backup host; None otherwise (archive_mode off)."""
+    if not pg_hosts(inv) or backup_host(inv) is None:
+        return None
+    return inv.backup.wal_archive
+
+
 def ejabberd_nodes(inv: Inventory) -> list[str]:
     return inv.with_role(EJABBERD)
 
@@ -337,13 +363,16 @@ def exporters(inv: Inventory, host: str) -> list[Exporter]:
             if (e.roles is None or roles & set(e.roles)) and (e.when is None or e.when(inv))]
 
 
-def scrape_address(inv: Inventory, host: str) -> str:
-    """Where the monitoring host reaches ``host``'s exporters (and where they
-    listen): its address on a network it shares with the monitoring host, else
-    its service address (across the gateway)."""
-    mon = monitoring_host(inv)
-    theirs = inv.non_management(mon) if mon else {}
+def reach_address(inv: Inventory, src: str | None, host: str) -> str:
+    """The address ``src`` reaches ``host`` at: ``host``'s address on a network
+    they share, else its service address (across the gateway)."""
+    theirs = inv.non_management(src) if src else {}
     for net, addr in inv.non_management(host).items():
         if net in theirs:
             return str(addr)
     return inv.service_address(host)
+
+
+def scrape_address(inv: Inventory, host: str) -> str:
+    """Where the monitoring host reaches ``host``'s exporters (and where they listen)."""
+    return reach_address(inv, monitoring_host(inv), host)

@@ -55,7 +55,8 @@ def test_rows_name_known_roles_and_protocols():
             if isinstance(a.sources, tuple):
                 assert set(a.sources) <= set(ROLES), (role, a)
             else:
-                assert a.sources in (flows.ANYONE, flows.MGMT, flows.LOCAL_NETS, flows.WEBMAIL_CLIENTS), (role, a)
+                assert a.sources in (flows.ANYONE, flows.MGMT, flows.LOCAL_NETS, flows.WEBMAIL_CLIENTS,
+                                     flows.BACKUP_CLIENTS), (role, a)
             assert a.why and '"' not in a.why and len(a.why) < 200
 
 
@@ -104,12 +105,14 @@ def test_exporters_and_bacula(lab):
     for host in ("e1server", "psql1server", "psql2server", "gw1server", "bk1server"):
         assert [line.split()[3] for line in lines(lab, host) if "--dport 9100 " in line] == ["10.200.1.13/32"], host
     assert [line.split()[3] for line in lines(lab, "psql1server") if "--dport 9187 " in line] == ["10.200.1.13/32"]
-    for host in ("e1server", "psql1server", "psql2server", "mon1server"):
+    for host in ("e1server", "e2server", "psql2server", "mon1server"):
         assert [line.split()[3] for line in lines(lab, host) if "--dport 9102 " in line] == ["10.200.1.12/32"], host
+    # Only the clients of the inventory's jobs (the seed's: not psql1server).
+    assert not any("9102" in line for line in lines(lab, "psql1server"))
     bk = lines(lab, "bk1server")
-    for port in ("9101", "9103"):
-        assert {line.split()[3] for line in bk if f"--dport {port} " in line} == {
-            "10.200.1.2/32", "10.200.1.3/32", "10.200.1.10/32", "10.200.1.11/32", "10.200.1.13/32"}
+    assert {line.split()[3] for line in bk if "--dport 9103 " in line} == {
+        "10.200.1.2/32", "10.200.1.3/32", "10.200.1.11/32", "10.200.1.13/32"}
+    assert not any("--dport 9101 " in line for line in bk), "bconsole runs on the director's host"
     assert not any("9102" in line for line in lines(lab, "gw1server"))
 
 
@@ -346,7 +349,7 @@ def test_forward_chain_passes_only_the_xmpp_flows(lab):
     assert not any("5222" in r.ports for r in fwd)
     into_internal = {r.ports for r in fwd if r.proto == "tcp" and r.src.startswith("10.200.1.") and
                      int(r.src.split(".")[3].split("/")[0]) < 8}
-    assert into_internal == {"5432", "9101", "9103"}
+    assert into_internal == {"5432", "9103"}
     icmp = [(r.src, r.dst) for r in fwd if r.proto == "icmp"]
     assert icmp == [("10.200.1.0/29", "10.200.1.8/29"), ("10.200.1.8/29", "10.200.1.0/29")]
     assert flows.forward_rules(lab, "e1server") == []

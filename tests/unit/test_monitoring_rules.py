@@ -77,6 +77,8 @@ def without(data: dict, sections: tuple[str, ...], roles: set[str]) -> None:
         data.pop(section)
     data["hosts"] = {n: h for n, h in data["hosts"].items() if not roles & set(h["roles"])}
     data["vips"] = {n: v for n, v in data["vips"].items() if v["role"] not in roles}
+    jobs = data.get("backup", {}).get("jobs", {})
+    data.get("backup", {})["jobs"] = {n: j for n, j in jobs.items() if j["client"] in data["hosts"]}
 
 
 def variant(tmp_path: Path, change) -> object:
@@ -174,12 +176,13 @@ def test_groups_follow_the_stacks_of_the_inventory(tmp_path):
     assert groups_of(no_xmpp) == ["hosts", "probes", "galera", "pacemaker", "backup"]
     check(no_xmpp, tmp_path / "no_xmpp")
 
-    no_backup = render(variant(tmp_path, lambda d: d["hosts"].pop("bk1server")))
+    no_backup = render(variant(tmp_path, lambda d: (d["hosts"].pop("bk1server"), d.pop("backup"))))
     assert groups_of(no_backup) == ["hosts", "probes", "galera", "pacemaker", "postgresql"]
     check(no_backup, tmp_path / "no_backup")
 
     def no_replica(d):
         d["hosts"]["psql2server"]["roles"] = ["spare"]
+        d["backup"]["jobs"].pop("psql2-dump")  # its pg_dump ran on the replica
     alone = rules_of(render(variant(tmp_path, no_replica)))
     assert "PostgreSQLDown" in alone and "PostgreSQLArchiverFailing" in alone
     assert "PostgreSQLReplicaNotStreaming" not in alone and "PostgreSQLReplicationLag" not in alone

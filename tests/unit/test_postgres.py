@@ -214,7 +214,7 @@ SYNC_GUARD = "/usr/local/lib/hastack/pg-syncguard"
 DROPIN_DIR = f"/etc/systemd/system/{UNIT}.service.d"
 DROPIN = f"{DROPIN_DIR}/hastack-start-guard.conf"
 SYNC_SERVICE = f"/etc/systemd/system/{SYNC_UNIT}.service"
-SCRIPTS = [postgres.ARCHIVE_HOOK, START_GUARD, SYNC_GUARD]  # each checked by `sh -n` before it is put in place
+SCRIPTS = [START_GUARD, SYNC_GUARD]  # each checked by `sh -n` before it is put in place (the lab: no nfs hook)
 
 # what put() runs around an upload, and the checkers of the new files: they succeed
 FILE_OPS = [(r"^(mkdir -p|chown|mv -f|rm -f|cp -a|sh -n) ", Result()),
@@ -233,7 +233,6 @@ def configured_files(inv, host):
     """Every file and directory of a converged host: path -> (owner:group:mode, text or None)."""
     files = {
         "/usr/local/lib/hastack": ("root:root:755", None),
-        postgres.ARCHIVE_HOOK: ("root:root:755", render(HOOK, inv, host)),
         START_GUARD: ("root:root:755", render(f"postgres{START_GUARD}.j2", inv, host)),
         DROPIN_DIR: ("root:root:755", None),
         DROPIN: ("root:root:644", render(f"postgres{DROPIN}.j2", inv, host)),

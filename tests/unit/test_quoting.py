@@ -39,6 +39,8 @@ NODE = {"cluster.standby": "postfix01", "cluster.unstandby": "postfix01", "pxc.b
         "postgres.replica": "psql2server", "postgres.rejoin": "psql1server", "ejabberd.remove-node": "e2server"}
 # The rescue tasks' other required names (the tested value replaces one of them).
 RESCUE = {"dead": "e2server", "with_": "r1server"}
+# Other required values, per task (the tested value replaces one of them).
+REQUIRED = {("postgres.restore", "to"): "2026-01-01 00:00:00", ("backup.run", "job"): "e1-fs"}
 
 def _postfixadmin(cmd, stdin):
     """The Postfixadmin database through the proxy: domain lab.test exists, no mailbox or alias yet."""
@@ -106,6 +108,8 @@ def _kwargs(name: str, task, arg: str, value: str) -> dict:
             kw[p.name] = NODE[name]
         elif p.name in RESCUE:
             kw[p.name] = RESCUE[p.name]
+        elif (name, p.name) in REQUIRED:
+            kw[p.name] = REQUIRED[name, p.name]
     if "password" in kw and arg != "password":
         kw["password"] = VALID["password"]
     if "yes" in inspect.signature(task.body.runbook).parameters:

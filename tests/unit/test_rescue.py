@@ -53,6 +53,9 @@ def lab_data(*, synchronous: bool | None = None, timeout: int | None = None, rol
         data["postgres"] = settings
     for host, r in (roles or {}).items():
         data["hosts"][host]["roles"] = r
+    # A dump job runs pg_dump on its client: only while that is a PostgreSQL host.
+    pg = {h for h, entry in data["hosts"].items() if {"postgres_primary", "postgres_replica"} & set(entry["roles"])}
+    data["backup"]["jobs"] = {n: j for n, j in data["backup"]["jobs"].items() if "pg_dump" not in j or j["client"] in pg}
     return data
 
 
@@ -224,10 +227,11 @@ def test_a_replica_already_running_as_primary_is_refused(node, force):
 
 
 def test_swapped_roles_moves_only_the_postgres_roles():
-    inv = lab(roles={"psql1server": ["backup", "postgres_primary"], "psql2server": ["postgres_replica", "spare"]})
+    inv = lab(roles={"psql1server": ["monitoring", "postgres_primary"], "psql2server": ["postgres_replica", "spare"],
+                     "mon1server": []})
     roles = swapped_roles(inv, "psql1server", "psql2server")
-    assert roles == {"psql1server": ["backup", "postgres_replica"], "psql2server": ["spare", "postgres_primary"]}
-    assert inventory_edit(inv, roles) == ("hosts.psql1server.roles: [backup, postgres_replica]; "
+    assert roles == {"psql1server": ["monitoring", "postgres_replica"], "psql2server": ["spare", "postgres_primary"]}
+    assert inventory_edit(inv, roles) == ("hosts.psql1server.roles: [monitoring, postgres_replica]; "
                                           "hosts.psql2server.roles: [spare, postgres_primary]")
 
 
