@@ -341,7 +341,7 @@ def backup(run, type="full"):
         size = newest.get("info", {}).get("repository", {}).get("delta", 0)
         h.ok(f"backup {newest.get('label', '?')} ({newest.get('type', '?')}): {size} bytes in the repository")
 
-    run.on_one("postgres: base backup", run.answering([bk], what="the backup host"), one)
+    run.on_one("postgres: base backup", run.answering([bk], what="backup host"), one)
 
 
 RESTORE_HELP = {

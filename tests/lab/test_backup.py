@@ -128,3 +128,20 @@ def test_bad_input_changes_nothing_and_a_second_deploy_restarts_nothing(lab, bac
     ok(out)
     assert recap(out)[1:] == (0, 0), out.stdout[-3000:]
     assert {unit: started_at(lab, bk, unit) for unit in DAEMONS} == before
+
+
+def test_a_down_backup_host_is_named_and_nothing_changes(lab, bacula):
+    bk = bacula["bk"]
+    ok(lab.invoke("lab.power", bk, "off", timeout=300))
+    try:
+        for args in (("backup.run", next(iter(bacula["jobs"]))), ("backup.status",), ("backup.drill",),
+                     ("postgres.backup",), ("postgres.restore", "--to", "2026-12-01 00:00:00")):
+            out = lab.invoke(*args)
+            assert out.returncode == 1, out.stdout
+            assert f"{bk} (" in out.stdout and "unreachable" in out.stdout and "nothing was changed" in out.stdout, \
+                out.stdout[-2000:]
+            assert "Traceback" not in out.stdout + out.stderr
+    finally:
+        ok(lab.invoke("lab.power", bk, "on", timeout=300))
+    lab.run(bk, "systemctl is-system-running --wait >/dev/null; systemctl is-active bacula-director bacula-sd "
+                "hastack-pgbackrest", check=True, timeout=180)
