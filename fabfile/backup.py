@@ -560,16 +560,22 @@ def run_(run, job, level=None):
     lvl = check_level(level)
     h = director(run)
     command = f"run job={job}" + (f" level={lvl}" if lvl else "") + " yes"
+    bconsole_job(run, h, f"backup: run {job}", command, f"backup job {job}", lambda row: row.describe())
+
+
+def bconsole_job(run: Run, h: HostSession, title: str, command: str, what: str, done) -> None:
+    """A bconsole command that queues a job, the job waited for, ``done(row)`` reported;
+    a job that does not end OK fails the task. In check mode: what would run."""
     if run.check:
-        run.on_one(f"backup: run {job}", h, lambda h: h.changed(f"would run `{command}` in bconsole and wait"))
+        run.on_one(title, h, lambda h: h.changed(f"would run `{command}` in bconsole and wait"))
         return
 
     def go(h: HostSession) -> None:
-        row = start_and_wait(h, command, f"backup job {job}")
-        fail_unless_ok(h, row, f"backup job {job}")
-        h.ok(row.describe())
+        row = start_and_wait(h, command, what)
+        fail_unless_ok(h, row, what)
+        h.ok(done(row))
 
-    run.on_one(f"backup: run {job}", h, go)
+    run.on_one(title, h, go)
 
 
 # --- status -------------------------------------------------------------------------------
@@ -733,16 +739,10 @@ def restore(run, job=None, to=None, before=None, force=False):
         raise UserError(f"--to {target}:{where} is not an empty directory; give an empty or new one, "
                         "or --force (nothing was changed)")
     command = restore_command(inv, job, target, where, before)
-    if run.check:
-        run.on_one(f"backup: restore {job}", h, lambda h: h.changed(f"would run `{command}` in bconsole and wait"))
-        return
-
-    def go(h: HostSession) -> None:
-        row = start_and_wait(h, command, f"restore of {job} onto {target}:{where}")
-        fail_unless_ok(h, row, f"restore of {job}")
-        h.ok(f"{job} restored onto {target}:{where}: {row.files} files, {human_bytes(row.bytes)} ({row.describe()})")
-
-    run.on_one(f"backup: restore {job} onto {target}:{where}", h, go)
+    bconsole_job(run, h, f"backup: restore {job} onto {target}:{where}", command,
+                 f"restore of {job} onto {target}:{where}",
+                 lambda row: f"{job} restored onto {target}:{where}: {row.files} files, "
+                             f"{human_bytes(row.bytes)} ({row.describe()})")
 
 
 # --- drill --------------------------------------------------------------------------------
