@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import zoneinfo
 from typing import TYPE_CHECKING
 
@@ -292,12 +293,24 @@ def _nfs_server(h: HostSession) -> None:
     tvars = h.tier_vars(template_vars)
     h.packages(["nfs-kernel-server"])
     for export in tvars["exports"]:
-        # root_squash: the exported tree belongs to the postgres uid of the client (Debian's: 'postgres').
-        h.directory(export["dir"], owner="root", group="root", mode="0755")
+        # root_squash: each folder belongs to the uid/gid of postgres on its client
+        # (the postgres tier made that user there), the only one that writes in it.
+        ids = h.run.memo(("postgres ids", export["host"]), lambda host=export["host"]: _postgres_ids(h.run, host))
+        h.directory(export["dir"], mode="0700")
+        h.ensure(f"test \"$(stat -c %u:%g {q(export['dir'])})\" = {q(ids)}", f"chown {q(ids)} {q(export['dir'])}",
+                 f"{export['dir']} owned by postgres of {export['host']} ({ids})")
     h.directory("/etc/exports.d", mode="0755")
     if h.template(f"walarchive{NFS_EXPORTS}.j2", NFS_EXPORTS, tvars) and not h.run.check:
         h.sh("exportfs -ra", message="exportfs -ra (the WAL archive exports)")
     h.service("nfs-server")
+
+
+def _postgres_ids(run: Run, host: str) -> str:
+    """uid:gid of postgres on ``host``."""
+    ids = run.session(host).read("echo $(id -u postgres):$(id -g postgres)").strip()
+    if not re.fullmatch(r"\d+:\d+", ids):
+        raise HostFailed(f"{host}: no user postgres ({ids!r}); the postgres tier runs before the WAL archive")
+    return ids
 
 
 def _nfs_client(h: HostSession) -> None:

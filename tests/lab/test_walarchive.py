@@ -74,6 +74,21 @@ def test_every_segment_reaches_the_archive(lab, wal):
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+def test_base_backups_on_a_schedule_and_on_demand(lab, wal):
+    bk = wal["bk"]
+    for timer in walarchive.TIMERS.values():
+        state = lab.run(bk, f"systemctl is-enabled {timer}.timer; systemctl is-active {timer}.timer").stdout.split()
+        assert state == ["enabled", "active"], (timer, state)
+        nxt = lab.run(bk, f"systemctl show -p NextElapseUSecRealtime --value {timer}.timer").stdout.strip()
+        assert nxt and nxt != "n/a", (timer, nxt)
+    out = lab.invoke("postgres.backup", "--type", "diff", timeout=1800)
+    ok(out)
+    newest = info(lab, bk)["backup"][-1]
+    assert newest["type"] == "diff" and newest["label"] in out.stdout, out.stdout[-2000:]
+    bad = lab.invoke("postgres.backup", "--type", "weekly")
+    assert bad.returncode == 1 and "full, diff, incr" in bad.stdout + bad.stderr
+
+
 def test_a_down_archive_keeps_the_segments_and_the_backlog_drains(lab, wal):
     prim, bk = wal["primary"], wal["bk"]
     failed_before = int(psql(lab, prim, "SELECT failed_count FROM pg_stat_archiver"))

@@ -226,3 +226,46 @@ def test_archiver_line_names_the_last_segment_the_failures_and_the_backlog():
     assert "3 failed, last 00000001000000000000000D at 2026-12-01 10:05:00 (FAILING NOW); 2 waiting" in failing
     assert postgres.archiver_line("off|0||||||0") == "archiver: off (no WAL archive)"
     assert postgres.archiver_line("garbage").startswith("archiver: unknown")
+
+
+# --- nfs mode on recording hosts -------------------------------------------------------------
+
+
+def test_nfs_mode_exports_then_mounts_and_schedules_base_backups():
+    inv = lab("nfs")
+    ids = [(r"^echo \$\(id -u postgres\)", Result("108:114\n"))]
+    run = RecordingRun(inv, secrets=SECRETS, answers={"psql1server": ids, "psql2server": ids})
+    walarchive.converge(run)
+    bk = run.session("bk1server")
+    assert any("apt-get install" in c and "nfs-kernel-server" in c for c in bk.changes)
+    assert "exportfs -ra" in bk.changes
+    exports = bk.uploads[f"{walarchive.NFS_EXPORTS}.hastack-new"]
+    assert "/srv/pgbackrest/psql1server 10.200.1.10(rw,sync,root_squash,no_subtree_check)" in exports
+    assert "systemctl start nfs-server" in bk.changes
+    assert "chown 108:114 /srv/pgbackrest/psql2server" in bk.changes
+    for host in ("psql1server", "psql2server"):
+        h = run.session(host)
+        assert any("apt-get install" in c and "nfs-common" in c for c in h.changes)
+        [fstab] = [c for c in h.changes if "/etc/fstab" in c]
+        assert walarchive.fstab_line(inv, host) in shlex_words(fstab)
+        unit = h.uploads[f"/etc/systemd/system/{walarchive.BASEBACKUP_UNIT}.service.hastack-new"]
+        assert "RequiresMountsFor=/var/lib/postgresql/walarchive" in unit
+        assert "pg_is_in_recovery" in unit and "head -n -2" in unit  # only the primary; two kept
+        timer = h.uploads[f"/etc/systemd/system/{walarchive.BASEBACKUP_UNIT}.timer.hastack-new"]
+        assert "OnCalendar=Sun *-*-* 01:30" in timer
+        assert f"systemctl start {walarchive.BASEBACKUP_UNIT}.timer" in h.changes
+    # pgBackRest is not part of the nfs mode
+    assert not any(c.startswith("pgbackrest") or "-u pgbackrest" in c or "hastack-pgbackrest" in c
+                   for _, c in run.all_commands())
+
+
+def test_the_calendar_expressions_are_systemd_ones():
+    inv = lab()
+    for expr in (inv.backup.base_backup_full, inv.backup.base_backup_diff):
+        r = subprocess.run(["systemd-analyze", "calendar", expr], capture_output=True, text=True)
+        assert r.returncode == 0, (expr, r.stderr)
+
+
+def shlex_words(cmd: str) -> list[str]:
+    import shlex
+    return shlex.split(cmd)
