@@ -269,3 +269,24 @@ def test_the_calendar_expressions_are_systemd_ones():
 def shlex_words(cmd: str) -> list[str]:
     import shlex
     return shlex.split(cmd)
+
+
+def test_a_good_base_backup_writes_one_series_for_the_stanza_and_a_failed_one_none(tmp_path):
+    text = render("walarchive/usr/local/lib/hastack/pgbackrest-backup.j2", lab(), "bk1server",
+                  walarchive.template_vars).replace(walarchive.TEXTFILE, str(tmp_path / "prom/b.prom"))
+    script = tmp_path / "backup"
+    script.write_text(text)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "runuser").write_text("#!/bin/sh\nexit ${STUB_EXIT:-0}\n")
+    (stubs / "runuser").chmod(0o755)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin"}
+    for kind in ("full", "diff"):
+        assert subprocess.run(["sh", str(script), kind], env=env).returncode == 0
+    lines = (tmp_path / "prom/b.prom").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        'hastack_backup_last_success_timestamp_seconds{backup_job="pgbackrest-xmpp"} ')
+    before = (tmp_path / "prom/b.prom").read_text()
+    assert subprocess.run(["sh", str(script), "full"], env={**env, "STUB_EXIT": "1"}).returncode != 0
+    assert (tmp_path / "prom/b.prom").read_text() == before
+    assert subprocess.run(["sh", str(script), "weekly"], env=env, capture_output=True).returncode == 2
