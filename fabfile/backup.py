@@ -212,6 +212,7 @@ def job_vars(inv: Inventory, name: str, job: BackupJob) -> dict:
         "client": job.client,
         "fd": f"{job.client}-fd",
         "paths": list(job.paths),
+        "exclude": list(job.exclude),
         "pg_dump": job.pg_dump,
         "files": job_files(job),
         "fileset": f"{name}-FS",
@@ -748,20 +749,23 @@ def restore(run, job=None, to=None, before=None, force=False):
 # --- drill --------------------------------------------------------------------------------
 
 
-def tree_listing(root: str, paths: list[str], since: int | None = None) -> str:
+def tree_listing(root: str, paths: list[str], since: int | None = None, exclude: list[str] = ()) -> str:
     """One command on a client: `sha256  path` of every regular file under ``paths``
     (rooted at ``root``: "" for the live tree, the scratch directory for the
     restored one); with ``since``, then "== changed" and the live files (and their
     directories) modified after that epoch."""
+    def pruned(top: str) -> str:  # the job's excluded paths (not in the backup) are not listed
+        return "".join(f"-path {q(top + e)} -prune -o " for e in exclude)
+
     parts = []
     for p in paths:
         full = f"{root}{p}"
-        parts.append(f"{{ test ! -e {q(full)} || find {q(full)} -type f -print0 | sort -z | "
+        parts.append(f"{{ test ! -e {q(full)} || find {q(full)} {pruned(root)}-type f -print0 | sort -z | "
                      f"xargs -0 -r sha256sum; }}")
     cmd = "; ".join(parts)
     if since is not None:
         cmd += "; echo '== changed'; " + "; ".join(
-            f"{{ test ! -e {q(p)} || find {q(p)} -newermt @{int(since)} -print; }}" for p in paths)
+            f"{{ test ! -e {q(p)} || find {q(p)} {pruned('')}-newermt @{int(since)} -print; }}" for p in paths)
     return f"cd / && {{ {cmd}; }}"
 
 
@@ -869,9 +873,10 @@ def drill_one(run: Run, h: HostSession, job: str) -> Comparison:
         fail_unless_ok(h, row, f"drill restore of {job}")
         result = Comparison()
         if j.paths:
-            live = client.probe(tree_listing("", j.paths, int(start) if start.isdigit() else None), timeout=3600)
+            live = client.probe(tree_listing("", j.paths, int(start) if start.isdigit() else None, j.exclude),
+                                timeout=3600)
             text, _, changed = live.stdout.partition("== changed\n")
-            restored = client.probe(tree_listing(scratch, j.paths), timeout=3600)
+            restored = client.probe(tree_listing(scratch, j.paths, exclude=j.exclude), timeout=3600)
             result = compare_trees(parse_sums(text), parse_sums(restored.stdout, strip=scratch),
                                    {p for p in changed.splitlines() if p})
         if j.pg_dump:

@@ -228,8 +228,10 @@ class BackupJob(_Model):
     """One Bacula job: what one client sends to the backup host (seed 004's jobs)."""
 
     client: Name
-    # The fileset: absolute paths on the client.
+    # The fileset: absolute paths on the client, less `exclude` (paths below them:
+    # files a live service rewrites while they are read, e.g. Prometheus's WAL).
     paths: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
     # A PostgreSQL database dumped (pg_dump, ClientRunBeforeJob) on the client just
     # before the job, and removed after it; the dump's folder is added to the fileset.
     pg_dump: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]{0,62}$")
@@ -238,7 +240,7 @@ class BackupJob(_Model):
     # at 13:00, Incremental every other hour). Default: hourly for a dump, else monthly.
     schedule: Literal["monthly", "hourly"] | None = None
 
-    @field_validator("paths")
+    @field_validator("paths", "exclude")
     @classmethod
     def _absolute(cls, value: list[str]) -> list[str]:
         from pydantic_core import PydanticCustomError
@@ -546,6 +548,9 @@ class Inventory(_Model):
                 add(f"{where}.pg_dump", f"{job.client} is not a PostgreSQL host (pg_dump runs on the client)")
             if not job.paths and job.pg_dump is None:
                 add(where, "nothing to back up: give paths, pg_dump or both")
+            for i, path in enumerate(job.exclude):
+                if not any(path.rstrip("/").startswith(p.rstrip("/") + "/") for p in job.paths):
+                    add(f"{where}.exclude.{i}", f"{path} is below none of the job's paths")
         for role in ("galera", "mail_backend", "webmail") if self.mail is None else ():
             if counts[role]:
                 add("mail", f"hosts have role {role} but the inventory has no 'mail' section")

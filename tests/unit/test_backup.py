@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,9 @@ def test_schedules_are_the_seeds():
 
 def test_filesets_hold_the_paths_and_the_dump():
     sets = {directive(b, "Name")[0]: b for b in resources(render("bacula-dir.conf"), "FileSet")}
-    assert directive(sets["mon1-grfn-FS"], "File") == ["/var/lib/grafana", "/var/lib/prometheus"]
+    assert directive(sets["mon1-grfn-FS"], "File") == ["/var/lib/grafana", "/var/lib/prometheus",  # then excluded:
+                                                       "/var/lib/prometheus/metrics2/wal",
+                                                       "/var/lib/prometheus/metrics2/chunks_head"]
     assert directive(sets["psql2-dump-FS"], "File") == ["/var/backups/hastack-dump/ejabberd.sql",
                                                         "/var/backups/hastack-dump/ejabberd.tables"]
     for body in sets.values():
@@ -278,7 +281,7 @@ def test_a_converged_site_changes_nothing_and_restarts_nothing():
             if re.match(r"^(test -s /etc/ssl|test -d |test \"\$\(readlink|id -nG bacula)", cmd) or "pg_isready" in cmd:
                 return Result()
             if cmd.startswith("dpkg-query"):
-                names = shlex.split(cmd)[3:]
+                names = backup.CLIENT_PACKAGES + backup.SERVER_PACKAGES + backup.PG_PACKAGES
                 return Result("".join(f"{n} installed\n" for n in names))
             if "systemctl show" in cmd:
                 return Result("UnitFileState=enabled\nActiveState=active\n")
@@ -545,3 +548,27 @@ def q_roundtrip(cmd: str, word: str) -> bool:
     lexer = shlex.shlex(cmd, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
     return word in list(lexer)
+
+
+def test_excluded_paths_are_out_of_the_fileset_and_of_the_drill_listing(tmp_path):
+    text = render("bacula-dir.conf")
+    fileset = text[text.index('Name = "mon1-grfn-FS"'):]
+    fileset = fileset[:fileset.index("\n}\n")]
+    assert 'Exclude {\n    File = "/var/lib/prometheus/metrics2/wal"' in fileset
+    # The listing runs for real: an excluded folder's files are neither compared nor "changed".
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep/a").write_text("a")
+    (tmp_path / "wal").mkdir()
+    (tmp_path / "wal/live").write_text("busy")
+    out = subprocess.run(["sh", "-c", backup.tree_listing("", [str(tmp_path)], since=0, exclude=[str(tmp_path / "wal")])],
+                         capture_output=True, text=True, check=True).stdout
+    assert str(tmp_path / "keep/a") in out and "wal/live" not in out
+
+
+def test_an_exclude_must_be_below_a_path_of_its_job():
+    import yaml
+    from fabfile.core.inventory import InventoryError, parse
+    data = yaml.safe_load((ROOT / "inventory/lab.yml").read_text())
+    data["backup"]["jobs"]["e1-fs"]["exclude"] = ["/var/log"]
+    with pytest.raises(InventoryError, match=r"backup.jobs.e1-fs.exclude.0: /var/log is below none of the job's paths"):
+        parse(yaml.safe_dump(data), ROOT / "inventory/lab.yml")
