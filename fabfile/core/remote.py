@@ -36,6 +36,7 @@ from .errors import HostFailed, StepFailed, UserError  # noqa: E402
 from .inventory import Inventory  # noqa: E402
 from .report import Report  # noqa: E402
 from .secrets import Secrets  # noqa: E402
+from . import facts  # noqa: E402
 from .shell import APT_LOCK_WAIT, APT_UPDATE, Result, q, retry_loop  # noqa: E402
 
 # paramiko's transport threads log a failed handshake (a host that accepts TCP
@@ -79,6 +80,9 @@ class Run:
         self.report = report if report is not None else Report(title + (" (check mode)" if check else ""),
                                                                mask=self.secrets.mask)
         self._sessions: dict[str, HostSession] = {}
+        # The paths earlier runs managed on each host, read in one command per host
+        # (core/facts.py); a dry run reads the list but never writes it.
+        self.known_paths = facts.KnownPaths(inv.site_file("paths.json"), persist=not check)
         self._memo: dict[Any, Any] = {}
         self._memo_lock = threading.RLock()  # a memoized value may ask for another
         self._sessions_lock = threading.Lock()
@@ -189,6 +193,7 @@ class Run:
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
+        self.known_paths.save()
         self.report.close()
 
     # --- steps --------------------------------------------------------------
@@ -261,6 +266,8 @@ class HostSession:
         self.address = run.inv.management_address(host)
         self._conn: Connection | None = None
         self._memo: dict[Any, Any] = {}
+        self._files: dict[str, facts.FileFact] | None = None  # the known paths, read at the first file operation
+        self._changed = False  # something changed on the host in this run: the table may be stale
 
     def memo(self, key, compute: Callable[[], Any]) -> Any:
         """State of this host in this run, computed once (facts read from the host,
@@ -328,6 +335,8 @@ class HostSession:
         self.run.report.result(self.name, "ok", message)
 
     def changed(self, message: str) -> None:
+        if not self.run.check:
+            self._changed = True
         self.run.report.result(self.name, "would change" if self.run.check else "changed", message)
 
     def note(self, message: str) -> None:
@@ -384,11 +393,13 @@ class HostSession:
 
     # --- packages and services ----------------------------------------------
 
+    def _package_table(self) -> dict[str, bool]:
+        """Every package's state on the host, one `dpkg-query -W` per run (again after an install)."""
+        return self.memo("packages", lambda: facts.package_states(self.probe(facts.PACKAGES_COMMAND).stdout))
+
     def installed(self, package: str) -> bool:
-        """Whether the Debian package is installed (asked once per run and host;
-        ``packages()`` updates the answer)."""
-        return self.memo(("installed", package), lambda: self.probe(
-            f"dpkg-query -W -f='${{db:Status-Status}}' {q(package)}").stdout.strip() == "installed")
+        """Whether the Debian package is installed."""
+        return self._package_table().get(package, False)
 
     def packages(self, names: Iterable[str], *, preseed: Iterable[str] = (), no_start: bool = False) -> bool:
         """Install what is missing of ``names``. ``preseed``: debconf answers
@@ -396,10 +407,8 @@ class HostSession:
         service may start while they install (a policy-rc.d that forbids it,
         removed afterwards; a policy-rc.d that is not ours is refused)."""
         names = sorted(set(names))
-        listed = self.probe("dpkg-query -W -f='${Package} ${db:Status-Status}\\n' " + " ".join(q(n) for n in names))
-        installed = {line.split()[0] for line in listed.stdout.splitlines() if line.endswith(" installed")}
-        for n in names:
-            self._memo[("installed", n)] = n in installed
+        table = self._package_table()
+        installed = {n for n in names if table.get(n)}
         missing = [n for n in names if n not in installed]
         if not missing:
             self.ok(f"packages present: {' '.join(names)}")
@@ -426,8 +435,8 @@ class HostSession:
         finally:
             if guard:
                 self.sh(f"rm -f {POLICY_RC}", message=f"remove {POLICY_RC} (services may start again)")
-        for n in missing:
-            self._memo[("installed", n)] = not self.run.check
+        if not self.run.check:
+            self._memo.pop("packages", None)  # dependencies came with them: read the table again
         return True
 
     def apt_update(self) -> Result:
@@ -518,6 +527,22 @@ class HostSession:
         if not r.ok:
             raise HostFailed(f"{what}: not after {timeout} s")
 
+    def _file_fact(self, path: str) -> facts.FileFact | None:
+        """What the table of known paths (core/facts.py) says of ``path``; None when
+        it does not know it, or when something changed on the host in this run."""
+        self.run.known_paths.touched(self.name, path)
+        if self._changed:
+            return None
+        if self._files is None:
+            paths = self.run.known_paths.of(self.name)
+            self._files = {}
+            if paths:
+                r = self.probe(facts.read_command(paths))
+                if r.ok:
+                    self._files = facts.parse(paths, r.stdout)
+                    self.run.known_paths.seen(self.name, self._files)
+        return self._files.get(path)
+
     def put(self, content: str | bytes, dest: str, *, owner: str = "root", group: str = "root",
             mode: str = "0644", validate: str | None = None) -> bool:
         """Upload ``content`` to ``dest`` only when it differs (by SHA-256), with owner,
@@ -527,11 +552,14 @@ class HostSession:
         data = content.encode() if isinstance(content, str) else content
         want_hash = hashlib.sha256(data).hexdigest()
         qd = q(dest)
-        state = self.probe(f"stat -c '%U:%G:%a' {qd} && sha256sum {qd}")
-        have_meta, have_hash = None, None
-        if state.ok:
-            lines = state.stdout.split("\n")
-            have_meta, have_hash = lines[0].strip(), lines[1].split()[0]
+        fact = self._file_fact(dest)
+        if fact is None:
+            state = self.probe(f"stat -c '%U:%G:%a' {qd} && sha256sum {qd}")
+            fact = facts.ABSENT
+            if state.ok:
+                lines = state.stdout.split("\n")
+                fact = facts.FileFact(True, lines[0].strip(), lines[1].split()[0])
+        exists, have_meta, have_hash = fact.exists, fact.meta, fact.sha256
         want_meta = f"{owner}:{group}:{int(mode, 8):o}"
         if have_hash == want_hash and have_meta == want_meta:
             self.ok(dest)
@@ -540,9 +568,9 @@ class HostSession:
             self.sh(f"chown {q(owner + ':' + group)} {qd} && chmod {q(mode)} {qd}",
                     message=f"{dest}: owner/mode {want_meta}")
             return True
-        old = self.probe(f"cat {qd}").stdout if state.ok else ""
+        old = self.probe(f"cat {qd}").stdout if exists else ""
         if self.run.check:
-            self.changed(f"{dest} would be {'updated' if state.ok else 'created'}")
+            self.changed(f"{dest} would be {'updated' if exists else 'created'}")
             self.run.report.diff(self.name, _diff(old, data, dest))
             return True
         tmp = f"{dest}.hastack-new"
@@ -562,7 +590,7 @@ class HostSession:
             self._swap(tmp, dest)
         elif validate:
             backup = f"{dest}.hastack-old"
-            had_old = state.ok
+            had_old = exists
             if had_old:
                 self._exec(f"cp -a {qd} {q(backup)}")
             self._swap(tmp, dest)
@@ -575,7 +603,7 @@ class HostSession:
             self._exec(f"rm -f {q(backup)}")
         else:
             self._swap(tmp, dest)
-        self.changed(f"{dest} {'updated' if state.ok else 'created'}")
+        self.changed(f"{dest} {'updated' if exists else 'created'}")
         self.run.report.log(f"[{self.name}] diff:\n" + _diff(old, data, dest))
         return True
 
@@ -595,9 +623,12 @@ class HostSession:
         return files.exists(self.conn, q(path), runner=self._runner)
 
     def directory(self, path: str, *, owner: str = "root", group: str = "root", mode: str = "0755") -> bool:
-        state = self.probe(f"stat -c '%U:%G:%a' {q(path)}")
         want = f"{owner}:{group}:{int(mode, 8):o}"
-        if state.ok and state.stdout.strip() == want:
+        fact = self._file_fact(path)
+        if fact is None:
+            state = self.probe(f"stat -c '%U:%G:%a' {q(path)}")
+            fact = facts.FileFact(True, state.stdout.strip()) if state.ok else facts.ABSENT
+        if fact.exists and fact.meta == want:
             self.ok(f"{path}/")
             return False
         files.directory(self.conn, q(path), user=q(owner), group=q(group), mode=q(mode), runner=self._runner)

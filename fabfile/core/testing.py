@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .facts import KnownPaths
 from .inventory import Inventory
 from .remote import HostSession, Result, Run
 from .report import Report
@@ -162,6 +163,9 @@ class RecordingRun(Run):
             secrets._values.update(values)
         report = _RecordingReport(self, title, secrets.mask, Path(self._tmp.name))
         super().__init__(inv, title=title, only=only, check=check, secrets=secrets, report=report)
+        # No table of known paths: every file is probed as the rules answer it (a test
+        # of the table gives its own, see tests/unit/test_facts.py).
+        self.known_paths = KnownPaths(None)
 
     def session(self, host: str) -> RecordingHost:
         if host not in self._sessions:
@@ -197,3 +201,9 @@ def files_present(files: dict[str, tuple[str, str | None]]) -> Rule:
         sums = f"{hashlib.sha256(text.encode()).hexdigest()}  {path}\n" if text is not None else ""
         return Result(f"{meta}\n{sums}")
     return r"^stat -c '%U:%G:%a' ", answer
+
+
+def packages_present(*names: str) -> Rule:
+    """A fact: these Debian packages are installed and no other, as
+    `HostSession.packages`/`installed` read them (one dpkg-query for all)."""
+    return r"^dpkg-query -W -f='\$\{Package\}", Result("".join(f"{n} installed\n" for n in names))

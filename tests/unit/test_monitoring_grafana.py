@@ -21,7 +21,7 @@ import yaml
 from fabfile.core import Result, templates
 from fabfile.core.errors import HostFailed, UserError
 from fabfile.core.inventory import load
-from fabfile.core.testing import RecordingRun, files_present
+from fabfile.core.testing import RecordingRun, files_present, packages_present
 from fabfile.monitoring import grafana
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -319,10 +319,7 @@ HEALTHY = (r"^for i in \$\(seq 120\); do curl .*/api/health", Result())
 
 
 def installed(*names: str):
-    def answer(cmd: str, stdin):
-        listed = [n for n in re.findall(r"'?([a-z0-9.+-]+)'?", cmd.split("\\n'", 1)[1]) if n in names]
-        return Result(stdout="".join(f"{n} installed\n" for n in listed))
-    return r"^dpkg-query -W -f='\$\{Package\}", answer
+    return packages_present(*names)
 
 
 def recording(rules, check=False) -> tuple[RecordingRun, object, dict]:

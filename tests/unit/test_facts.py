@@ -1,0 +1,137 @@
+"""Facts read in one command (fabfile/core/facts.py): the known-paths table's
+command run for real against a folder, the JSON file of known paths (what is
+kept, what is dropped, a dry run writes nothing), and HostSession answering
+put/directory/packages from the tables: one command for a converged host, path
+by path again once something changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from fabfile.core import Result, facts
+from fabfile.core.facts import FileFact, KnownPaths
+from fabfile.core.inventory import load
+from fabfile.core.testing import RecordingRun, packages_present
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB = load(ROOT / "inventory/lab.yml", roles_file=False)
+
+
+def test_the_read_command_lists_files_directories_and_nothing_for_a_missing_path(tmp_path):
+    f = tmp_path / "it's a file"
+    f.write_text("hello\n")
+    os.chmod(f, 0o640)
+    d = tmp_path / "dir"
+    d.mkdir(mode=0o750)
+    os.chmod(d, 0o750)
+    missing = tmp_path / "missing; touch pwned"
+    paths = [str(f), str(d), str(missing)]
+    out = subprocess.run(["sh", "-c", facts.read_command(paths)], capture_output=True, text=True, check=True)
+    table = facts.parse(paths, out.stdout)
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    group = subprocess.run(["id", "-gn"], capture_output=True, text=True).stdout.strip()
+    assert table[str(f)] == FileFact(True, f"{user}:{group}:640", hashlib.sha256(b"hello\n").hexdigest())
+    assert table[str(d)] == FileFact(True, f"{user}:{group}:750", None)
+    assert table[str(missing)] == facts.ABSENT
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_package_states_from_dpkg_query():
+    table = facts.package_states("postgresql installed\nvim not-installed\nlibc6 installed\nlibc6 config-files\n")
+    assert table == {"postgresql": True, "vim": False, "libc6": True}
+
+
+def test_known_paths_keep_what_was_managed_or_still_exists(tmp_path):
+    path = tmp_path / "lab.paths.json"
+    path.write_text(json.dumps({"a": ["/etc/old", "/etc/gone", "relative", "/etc/x\ty"], "b": ["/etc/b"]}))
+    known = KnownPaths(path)
+    assert known.of("a") == ["/etc/old", "/etc/gone"]  # unsafe and relative entries are never listed
+    known.seen("a", {"/etc/old": FileFact(True, "root:root:644", "x"), "/etc/gone": facts.ABSENT})
+    known.touched("a", "/etc/new")
+    known.touched("a", "/etc/tab\there")
+    known.save()
+    assert json.loads(path.read_text()) == {"a": ["/etc/new", "/etc/old"], "b": ["/etc/b"]}
+
+
+def test_a_dry_run_and_a_missing_or_broken_file_change_nothing(tmp_path):
+    path = tmp_path / "lab.paths.json"
+    dry = KnownPaths(path, persist=False)
+    dry.touched("a", "/etc/x")
+    dry.save()
+    assert not path.exists()
+    path.write_text("{not json")
+    broken = KnownPaths(path)
+    assert broken.of("a") == []
+
+
+class TableRun(RecordingRun):
+    def __init__(self, inv, table: Path, **kw):
+        super().__init__(inv, **kw)
+        self.known_paths = KnownPaths(table, persist=not kw.get("check", False))
+
+
+def files_answer(files: dict[str, tuple[str, str | None]]):
+    """The host's answer to the table's one command, and to a path's own stat."""
+    def answer(h, cmd, stdin):
+        if cmd.startswith("for p in "):
+            lines = [f"{p}\t{meta}\t{hashlib.sha256(text.encode()).hexdigest() if text is not None else '-'}"
+                     for p, (meta, text) in files.items()]
+            return Result("\n".join(lines) + "\n")
+        return None
+    return answer
+
+
+def test_a_converged_host_answers_every_file_from_one_command(tmp_path):
+    table = tmp_path / "lab.paths.json"
+    table.write_text(json.dumps({"e1server": ["/etc/a.conf", "/etc/b.conf", "/etc/d"]}))
+    files = {"/etc/a.conf": ("root:root:644", "A\n"), "/etc/b.conf": ("root:root:600", "B\n"),
+             "/etc/d": ("root:root:755", None)}
+    run = TableRun(LAB, table, responder=files_answer(files), answers={"e1server": [packages_present("vim")]})
+    h = run.session("e1server")
+    assert h.put("A\n", "/etc/a.conf") is False
+    assert h.put("B\n", "/etc/b.conf", mode="0600") is False
+    assert h.directory("/etc/d") is False
+    assert h.packages(["vim"]) is False and h.installed("vim") and not h.installed("emacs")
+    assert [c.split()[0] for c in h.commands] == ["for", "dpkg-query"]
+    assert h.changes == []
+
+
+def test_after_a_change_each_path_is_probed_again(tmp_path):
+    table = tmp_path / "lab.paths.json"
+    table.write_text(json.dumps({"e1server": ["/etc/a.conf", "/etc/b.conf"]}))
+    files = {"/etc/a.conf": ("root:root:644", "A\n"), "/etc/b.conf": ("root:root:644", "B\n")}
+    run = TableRun(LAB, table, responder=files_answer(files))
+    h = run.session("e1server")
+    assert h.put("A2\n", "/etc/a.conf") is True  # from the table: differs, uploaded
+    assert "mv -f /etc/a.conf.hastack-new /etc/a.conf" in h.commands
+    h.put("B\n", "/etc/b.conf")  # something changed: the table may be stale, the path is probed
+    assert any(c.startswith("stat -c '%U:%G:%a' /etc/b.conf") for c in h.commands)
+    run.close()
+    assert json.loads(table.read_text()) == {"e1server": ["/etc/a.conf", "/etc/b.conf"]}
+
+
+def test_a_new_path_is_probed_and_remembered_for_the_next_run(tmp_path):
+    table = tmp_path / "lab.paths.json"
+    run = TableRun(LAB, table)
+    h = run.session("e1server")
+    h.put("new\n", "/etc/new.conf")
+    assert h.commands[0].startswith("stat -c '%U:%G:%a' /etc/new.conf")  # no table yet: the path itself
+    run.close()
+    assert json.loads(table.read_text()) == {"e1server": ["/etc/new.conf"]}
+
+
+def test_check_mode_reads_the_table_and_writes_no_state(tmp_path):
+    table = tmp_path / "lab.paths.json"
+    table.write_text(json.dumps({"e1server": ["/etc/a.conf"]}))
+    before = table.read_text()
+    files = {"/etc/a.conf": ("root:root:644", "A\n")}
+    run = TableRun(LAB, table, responder=files_answer(files), check=True)
+    h = run.session("e1server")
+    assert h.put("A changed\n", "/etc/a.conf") is True
+    h.put("other\n", "/etc/other.conf")
+    run.close()
+    assert table.read_text() == before
