@@ -7,12 +7,15 @@
   ``directory`` answer from that table until anything changes on the host in
   this run, and probe path by path from then on (a change may have written
   any file). A path the table does not know is probed as before.
+- Units: the units earlier runs converged on a host are read by one
+  ``systemctl show`` (a block each) at the host's first ``service``; answered
+  from it until anything changes on the host in this run.
 - Packages: one ``dpkg-query -W`` lists the state of every package on the host;
   ``HostSession.installed``/``packages`` answer from it, and read it again after
   an install (dependencies came with it).
 
 A no-op run changes nothing, so it asks each host once where it used to ask once
-per file and once per package set.
+per file, per unit and per package set.
 """
 
 from __future__ import annotations
@@ -77,43 +80,72 @@ def package_states(stdout: str) -> dict[str, bool]:
 PACKAGES_COMMAND = "dpkg-query -W -f='${Package} ${db:Status-Status}\\n'"
 
 
+def units_command(units: list[str], properties: tuple[str, ...]) -> str:
+    """One `systemctl show` of ``properties`` for every unit (a block each, in order)."""
+    return "systemctl show " + " ".join(f"-p {p}" for p in properties) + " " + " ".join(q(u) for u in units)
+
+
+def parse_units(units: list[str], stdout: str) -> dict[str, dict[str, str]] | None:
+    """The blocks of ``units_command`` by unit; None when they do not line up."""
+    blocks = [b for b in stdout.strip("\n").split("\n\n")]
+    if len(blocks) != len(units):
+        return None
+    return {u: dict(line.split("=", 1) for line in b.splitlines() if "=" in line) for u, b in zip(units, blocks)}
+
+
+UNIT_NAME = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@._:-\\"
+
+
 class KnownPaths:
-    """The paths each host's runs managed, kept in a JSON file beside the inventory."""
+    """The paths and units each host's runs managed, kept in a JSON file beside the
+    inventory: {host: {"paths": [...], "units": [...]}}."""
 
     def __init__(self, path: Path | None, *, persist: bool = True):
         self.path = path
         self.persist = persist
-        self._old: dict[str, list[str]] = {}
-        self._touched: dict[str, set[str]] = {}
+        self._old: dict[str, dict[str, list[str]]] = {}
+        self._touched: dict[str, dict[str, set[str]]] = {}
         self._existing: dict[str, set[str]] = {}
         if path is not None:
             try:
                 data = json.loads(path.read_text())
-                if isinstance(data, dict):
-                    self._old = {h: [p for p in ps if isinstance(p, str) and listable(p)]
-                                 for h, ps in data.items() if isinstance(ps, list)}
             except (OSError, ValueError):
-                self._old = {}  # no state yet, or unreadable: every path is probed as before
+                data = {}  # no state yet, or unreadable: every path is probed as before
+            for host, entry in (data.items() if isinstance(data, dict) else ()):
+                if isinstance(entry, dict):
+                    self._old[host] = {
+                        "paths": [p for p in entry.get("paths", []) if isinstance(p, str) and listable(p)],
+                        "units": [u for u in entry.get("units", []) if isinstance(u, str) and unit_name(u)],
+                    }
 
     def of(self, host: str) -> list[str]:
-        return list(self._old.get(host, []))
+        return list(self._old.get(host, {}).get("paths", []))
+
+    def units_of(self, host: str) -> list[str]:
+        return list(self._old.get(host, {}).get("units", []))
 
     def touched(self, host: str, path: str) -> None:
         if listable(path):
-            self._touched.setdefault(host, set()).add(path)
+            self._touched.setdefault(host, {}).setdefault("paths", set()).add(path)
+
+    def touched_unit(self, host: str, unit: str) -> None:
+        if unit_name(unit):
+            self._touched.setdefault(host, {}).setdefault("units", set()).add(unit)
 
     def seen(self, host: str, table: dict[str, FileFact]) -> None:
         self._existing[host] = {p for p, f in table.items() if f.exists}
 
     def save(self) -> None:
-        """This run's paths and the earlier ones that still exist (a path that was
-        neither managed now nor found on the host is dropped)."""
+        """This run's paths and units, and the earlier ones (paths only while they
+        still exist: a path neither managed now nor found on the host is dropped)."""
         if self.path is None or not self.persist or not self._touched:
             return
-        data = dict(self._old)
-        for host, paths in self._touched.items():
-            kept = self._existing.get(host, set(self._old.get(host, [])))
-            data[host] = sorted(paths | (set(self._old.get(host, [])) & kept))
+        data = {h: {k: list(v) for k, v in e.items()} for h, e in self._old.items()}
+        for host, touched in self._touched.items():
+            old = self._old.get(host, {"paths": [], "units": []})
+            kept = self._existing.get(host, set(old["paths"]))
+            data[host] = {"paths": sorted(touched.get("paths", set()) | (set(old["paths"]) & kept)),
+                          "units": sorted(touched.get("units", set()) | set(old["units"]))}
         if data == self._old:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,3 +156,7 @@ class KnownPaths:
             os.replace(tmp, self.path)
         except OSError:
             Path(tmp).unlink(missing_ok=True)
+
+
+def unit_name(name: str) -> bool:
+    return bool(name) and all(c in UNIT_NAME for c in name)

@@ -267,6 +267,7 @@ class HostSession:
         self._conn: Connection | None = None
         self._memo: dict[Any, Any] = {}
         self._files: dict[str, facts.FileFact] | None = None  # the known paths, read at the first file operation
+        self._units: dict[str, dict[str, str]] | None = None  # the known units, read at the first unit_state
         self._changed = False  # something changed on the host in this run: the table may be stale
 
     def memo(self, key, compute: Callable[[], Any]) -> Any:
@@ -488,7 +489,18 @@ class HostSession:
     UNIT_PROPERTIES = ("LoadState", "UnitFileState", "ActiveState", "ConditionResult", "ConditionTimestampMonotonic")
 
     def unit_state(self, name: str) -> dict[str, str]:
-        """A unit's properties that `service` decides on, read in one probe."""
+        """A unit's properties that `service` decides on: from the table of known
+        units (core/facts.py) while nothing changed on the host, else one probe."""
+        self.run.known_paths.touched_unit(self.name, name)
+        if not self._changed:
+            if self._units is None:
+                units = self.run.known_paths.units_of(self.name)
+                self._units = {}
+                if units:
+                    r = self.probe(facts.units_command(units, self.UNIT_PROPERTIES))
+                    self._units = (facts.parse_units(units, r.stdout) if r.ok else None) or {}
+            if name in self._units:
+                return dict(self._units[name])
         props = " ".join(f"-p {p}" for p in self.UNIT_PROPERTIES)
         out = self.probe(f"systemctl show {props} {q(name)}").stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)

@@ -47,14 +47,19 @@ def test_package_states_from_dpkg_query():
 
 def test_known_paths_keep_what_was_managed_or_still_exists(tmp_path):
     path = tmp_path / "lab.paths.json"
-    path.write_text(json.dumps({"a": ["/etc/old", "/etc/gone", "relative", "/etc/x\ty"], "b": ["/etc/b"]}))
+    path.write_text(json.dumps({"a": {"paths": ["/etc/old", "/etc/gone", "relative", "/etc/x\ty"],
+                                      "units": ["nginx", "bad unit; id"]},
+                                "b": {"paths": ["/etc/b"], "units": []}}))
     known = KnownPaths(path)
     assert known.of("a") == ["/etc/old", "/etc/gone"]  # unsafe and relative entries are never listed
+    assert known.units_of("a") == ["nginx"]
     known.seen("a", {"/etc/old": FileFact(True, "root:root:644", "x"), "/etc/gone": facts.ABSENT})
     known.touched("a", "/etc/new")
     known.touched("a", "/etc/tab\there")
+    known.touched_unit("a", "php8.2-fpm")
     known.save()
-    assert json.loads(path.read_text()) == {"a": ["/etc/new", "/etc/old"], "b": ["/etc/b"]}
+    assert json.loads(path.read_text()) == {"a": {"paths": ["/etc/new", "/etc/old"], "units": ["nginx", "php8.2-fpm"]},
+                                            "b": {"paths": ["/etc/b"], "units": []}}
 
 
 def test_a_dry_run_and_a_missing_or_broken_file_change_nothing(tmp_path):
@@ -87,7 +92,7 @@ def files_answer(files: dict[str, tuple[str, str | None]]):
 
 def test_a_converged_host_answers_every_file_from_one_command(tmp_path):
     table = tmp_path / "lab.paths.json"
-    table.write_text(json.dumps({"e1server": ["/etc/a.conf", "/etc/b.conf", "/etc/d"]}))
+    table.write_text(json.dumps({"e1server": {"paths": ["/etc/a.conf", "/etc/b.conf", "/etc/d"]}}))
     files = {"/etc/a.conf": ("root:root:644", "A\n"), "/etc/b.conf": ("root:root:600", "B\n"),
              "/etc/d": ("root:root:755", None)}
     run = TableRun(LAB, table, responder=files_answer(files), answers={"e1server": [packages_present("vim")]})
@@ -102,7 +107,7 @@ def test_a_converged_host_answers_every_file_from_one_command(tmp_path):
 
 def test_after_a_change_each_path_is_probed_again(tmp_path):
     table = tmp_path / "lab.paths.json"
-    table.write_text(json.dumps({"e1server": ["/etc/a.conf", "/etc/b.conf"]}))
+    table.write_text(json.dumps({"e1server": {"paths": ["/etc/a.conf", "/etc/b.conf"]}}))
     files = {"/etc/a.conf": ("root:root:644", "A\n"), "/etc/b.conf": ("root:root:644", "B\n")}
     run = TableRun(LAB, table, responder=files_answer(files))
     h = run.session("e1server")
@@ -111,7 +116,7 @@ def test_after_a_change_each_path_is_probed_again(tmp_path):
     h.put("B\n", "/etc/b.conf")  # something changed: the table may be stale, the path is probed
     assert any(c.startswith("stat -c '%U:%G:%a' /etc/b.conf") for c in h.commands)
     run.close()
-    assert json.loads(table.read_text()) == {"e1server": ["/etc/a.conf", "/etc/b.conf"]}
+    assert KnownPaths(table).of("e1server") == ["/etc/a.conf", "/etc/b.conf"]
 
 
 def test_a_new_path_is_probed_and_remembered_for_the_next_run(tmp_path):
@@ -121,12 +126,12 @@ def test_a_new_path_is_probed_and_remembered_for_the_next_run(tmp_path):
     h.put("new\n", "/etc/new.conf")
     assert h.commands[0].startswith("stat -c '%U:%G:%a' /etc/new.conf")  # no table yet: the path itself
     run.close()
-    assert json.loads(table.read_text()) == {"e1server": ["/etc/new.conf"]}
+    assert json.loads(table.read_text()) == {"e1server": {"paths": ["/etc/new.conf"], "units": []}}
 
 
 def test_check_mode_reads_the_table_and_writes_no_state(tmp_path):
     table = tmp_path / "lab.paths.json"
-    table.write_text(json.dumps({"e1server": ["/etc/a.conf"]}))
+    table.write_text(json.dumps({"e1server": {"paths": ["/etc/a.conf"]}}))
     before = table.read_text()
     files = {"/etc/a.conf": ("root:root:644", "A\n")}
     run = TableRun(LAB, table, responder=files_answer(files), check=True)
@@ -135,3 +140,31 @@ def test_check_mode_reads_the_table_and_writes_no_state(tmp_path):
     h.put("other\n", "/etc/other.conf")
     run.close()
     assert table.read_text() == before
+
+
+def test_known_units_are_read_in_one_systemctl_show_until_something_changes(tmp_path):
+    table = tmp_path / "lab.paths.json"
+    table.write_text(json.dumps({"e1server": {"units": ["nginx", "ejabberd"]}}))
+
+    def answer(h, cmd, stdin):
+        if cmd.startswith("systemctl show") and cmd.endswith(" nginx ejabberd"):
+            block = "LoadState=loaded\nUnitFileState=enabled\nActiveState=active\nConditionResult=yes\n"
+            return Result(block + "\n" + block)
+        return None
+    run = TableRun(LAB, table, responder=answer)
+    h = run.session("e1server")
+    h.service("nginx")
+    h.service("ejabberd")
+    assert [c for c in h.commands if c.startswith("systemctl show")] == [
+        facts.units_command(["nginx", "ejabberd"], h.UNIT_PROPERTIES)]
+    assert h.changes == []
+    h.sh("true")  # a change: the table may be stale from now on
+    h.service("nginx")
+    shows = [c for c in h.commands if c.startswith("systemctl show")]
+    assert len(shows) == 2 and shows[-1].endswith(" nginx")
+
+
+def test_units_that_do_not_line_up_are_probed_one_by_one():
+    assert facts.parse_units(["a", "b"], "ActiveState=active\n") is None
+    assert facts.parse_units(["a"], "ActiveState=active\nLoadState=loaded\n") == {
+        "a": {"ActiveState": "active", "LoadState": "loaded"}}
