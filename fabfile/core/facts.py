@@ -4,12 +4,12 @@
   listed in ``inventory/<site>.paths.json`` (git-ignored; local state, like the
   known_hosts file). At a host's first file operation of a run, one command reads
   owner:group:mode and SHA-256 of all of them; ``HostSession.put`` and
-  ``directory`` answer from that table until anything changes on the host in
-  this run, and probe path by path from then on (a change may have written
-  any file). A path the table does not know is probed as before.
+  ``directory`` answer from that table until anything changes in this run (on any
+  host: pcs or Pacemaker acting on one host change others), and probe path by
+  path from then on. A path the table does not know is probed as before.
 - Units: the units earlier runs converged on a host are read by one
   ``systemctl show`` (a block each) at the host's first ``service``; answered
-  from it until anything changes on the host in this run.
+  from it until anything changes in this run.
 - Packages: one ``dpkg-query -W`` lists the state of every package on the host;
   ``HostSession.installed``/``packages`` answer from it, and read it again after
   an install (dependencies came with it).

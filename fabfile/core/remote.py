@@ -83,6 +83,9 @@ class Run:
         # The paths earlier runs managed on each host, read in one command per host
         # (core/facts.py); a dry run reads the list but never writes it.
         self.known_paths = facts.KnownPaths(inv.site_file("paths.json"), persist=not check)
+        # Something changed on some host in this run: what the tables read may be stale
+        # anywhere (a change on one host can change another: pcs, Pacemaker, a cluster).
+        self.changed_any = False
         self._memo: dict[Any, Any] = {}
         self._memo_lock = threading.RLock()  # a memoized value may ask for another
         self._sessions_lock = threading.Lock()
@@ -268,7 +271,6 @@ class HostSession:
         self._memo: dict[Any, Any] = {}
         self._files: dict[str, facts.FileFact] | None = None  # the known paths, read at the first file operation
         self._units: dict[str, dict[str, str]] | None = None  # the known units, read at the first unit_state
-        self._changed = False  # something changed on the host in this run: the table may be stale
 
     def memo(self, key, compute: Callable[[], Any]) -> Any:
         """State of this host in this run, computed once (facts read from the host,
@@ -337,7 +339,7 @@ class HostSession:
 
     def changed(self, message: str) -> None:
         if not self.run.check:
-            self._changed = True
+            self.run.changed_any = True
         self.run.report.result(self.name, "would change" if self.run.check else "changed", message)
 
     def note(self, message: str) -> None:
@@ -490,9 +492,9 @@ class HostSession:
 
     def unit_state(self, name: str) -> dict[str, str]:
         """A unit's properties that `service` decides on: from the table of known
-        units (core/facts.py) while nothing changed on the host, else one probe."""
+        units (core/facts.py) while nothing changed in this run, else one probe."""
         self.run.known_paths.touched_unit(self.name, name)
-        if not self._changed:
+        if not self.run.changed_any:
             if self._units is None:
                 units = self.run.known_paths.units_of(self.name)
                 self._units = {}
@@ -541,9 +543,9 @@ class HostSession:
 
     def _file_fact(self, path: str) -> facts.FileFact | None:
         """What the table of known paths (core/facts.py) says of ``path``; None when
-        it does not know it, or when something changed on the host in this run."""
+        it does not know it, or when something changed (on any host) in this run."""
         self.run.known_paths.touched(self.name, path)
-        if self._changed:
+        if self.run.changed_any:
             return None
         if self._files is None:
             paths = self.run.known_paths.of(self.name)

@@ -168,3 +168,14 @@ def test_units_that_do_not_line_up_are_probed_one_by_one():
     assert facts.parse_units(["a", "b"], "ActiveState=active\n") is None
     assert facts.parse_units(["a"], "ActiveState=active\nLoadState=loaded\n") == {
         "a": {"ActiveState": "active", "LoadState": "loaded"}}
+
+
+def test_a_change_on_one_host_makes_every_host_probe_again(tmp_path):
+    table = tmp_path / "lab.paths.json"
+    table.write_text(json.dumps({"e1server": {"paths": ["/etc/a.conf"]}, "e2server": {"paths": ["/etc/a.conf"]}}))
+    files = {"/etc/a.conf": ("root:root:644", "A\n")}
+    run = TableRun(LAB, table, responder=files_answer(files))
+    run.session("e1server").sh("pcs cluster setup")  # acts on the other nodes too
+    e2 = run.session("e2server")
+    e2.put("A\n", "/etc/a.conf")
+    assert e2.commands[0].startswith("stat -c '%U:%G:%a' /etc/a.conf")
