@@ -31,7 +31,7 @@ rescue.replace DEAD --with SPARE [--yes]
 The spare (only role spare, an address on every network of the dead host) takes
 the role of a dead ejabberd node or PostgreSQL replica (a host that answers over
 SSH is refused). The roles file retires DEAD and gives SPARE its role; then the
-common tiers, the XMPP service and monitoring converge with the new roles: the
+common tiers, the XMPP service, monitoring and backups converge with the new roles: the
 spare gets its certificate names, the cookie and config and joins the Erlang
 cluster (the first node removes the dead one: leave_cluster), or a base backup
 over a new slot (the dead replica's slot is dropped); firewalls, the gateway's
@@ -368,11 +368,12 @@ def _reconverge(run: Run) -> None:
     """Every tier the moved roles touch, with the new roles: the common tiers (peers in
     the firewalls and the gateway's FORWARD rules, /etc/hosts, the spare's
     certificate), the XMPP service (pg_hba, slots, the Erlang cluster, the VIP's
-    peers) and monitoring (its targets): what a deploy would change, so that the
-    next one changes nothing."""
+    peers, the WAL archive's hosts), monitoring (its targets) and Bacula (the jobs
+    of a retired host): what a deploy would change, so that the next one changes
+    nothing."""
     from . import deploy  # the tiers in their order; like deploy, this module stands on them all
 
-    deploy._converge(run, deploy.COMMON + deploy.XMPP + deploy.MONITORING)
+    deploy._converge(run, deploy.COMMON + deploy.XMPP + deploy.MONITORING + deploy.BACKUP)
 
 
 def check_replace(inv, dead: str, spare: str) -> str:
@@ -421,7 +422,7 @@ def replace(run, dead, with_, yes=False):
         raise UserError(f"the spare {spare} cannot be reached ({down[spare]}); nothing was changed")
     started = time.monotonic()
     plan = (f"retire {dead} and give {spare} role {role} in {inv.roles_file.name}, then converge the common "
-            f"tiers, the XMPP service and monitoring with them ({spare} "
+            f"tiers, the XMPP service, monitoring and backups with them ({spare} "
             + ("joins the ejabberd cluster, " if role == topology.EJABBERD else "gets a base backup over a new slot, ")
             + f"{dead} leaves " + ("the Erlang cluster" if role == topology.EJABBERD else "the primary: its slot is dropped")
             + ", every peer list and firewall follows)")
@@ -468,7 +469,7 @@ def remove_node(run, host, yes=False):
     plan = (f"leave_cluster {ejabberd.node_name(host)} on {survivor}; "
             + (f"stop ejabberd on {host} and its VIP; " if host not in down else f"({host} is down) ")
             + f"record {host}'s roles ({', '.join(roles) or 'none'}) in {inv.roles_file.name}; converge the "
-            "common tiers, the XMPP service and monitoring")
+            "common tiers, the XMPP service, monitoring and backups")
     run.report.note("plan: " + plan)
     if run.check:
         return

@@ -100,8 +100,14 @@ SAMPLE = [
     # gateway
     ("gw1server", 9100, "mon1server", "internal", "bk1server", "internal"),
     # backup
-    ("bk1server", 9103, "psql1server", "internal", "r1server", "internal"),
-    ("bk1server", 9101, "e2server", "internal", "gw1server", "internal"),
+    # the storage daemon from the jobs' clients only (psql1server has no job);
+    # the director's port is for bconsole on the host itself
+    ("bk1server", 9103, "psql2server", "internal", "psql1server", "internal"),
+    ("bk1server", 9101, None, None, "e2server", "internal"),
+    # pgBackRest's TLS server: the WAL archive of the PostgreSQL hosts, restores onto the spare
+    ("bk1server", 8432, "psql1server", "internal", "mon1server", "internal"),
+    ("bk1server", 8432, "r1server", "internal", "gw1server", "internal"),
+    ("psql2server", 8432, "bk1server", "internal", "psql1server", "internal"),
     # monitoring
     ("mon1server", 9102, "bk1server", "internal", "psql1server", "internal"),
     ("mon1server", 443, "machine", "mgmt", "bk1server", "internal"),  # the monitoring UIs
