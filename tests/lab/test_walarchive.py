@@ -125,7 +125,8 @@ def test_point_in_time_restore_onto_the_spare(lab, wal):
     segment = switch(lab, prim)
     wait_for(lambda: archived_max(lab, wal["bk"]) >= segment, 90, f"{segment} in the repository")
     try:
-        out = lab.invoke("postgres.restore", "--on", spare, "--to", when, timeout=1800)
+        # --force: the spare may hold a cluster from an earlier use (a rescue made it a replica)
+        out = lab.invoke("postgres.restore", "--on", spare, "--to", when, "--force", timeout=1800)
         ok(out)
         counts = psql(lab, spare, "SELECT batch || '=' || count(*) FROM wal_probe WHERE batch IN ('A', 'B') "
                                   "GROUP BY batch ORDER BY batch")
