@@ -29,7 +29,7 @@ from pathlib import Path
 from .shell import q
 
 # A path that could break the table's lines is never listed (probed as before).
-_UNSAFE = ("\t", "\n", "\r")
+_UNSAFE = ("\t", "\n", "\r", "\\")  # sha256sum escapes a name with a backslash or newline
 
 
 @dataclass(frozen=True)
@@ -47,23 +47,35 @@ def listable(path: str) -> bool:
 
 
 def read_command(paths: list[str]) -> str:
-    """One shell command printing `path<TAB>meta<TAB>sha256` (``-`` for a directory)
-    for each of ``paths`` that exists (nothing for one that does not)."""
+    """One shell command, two processes: `stat` of every path (name, meta, type) and
+    `sha256sum` of every path (directories and missing paths only complain, on
+    stderr, which is dropped)."""
     words = " ".join(q(p) for p in paths)
-    return ("for p in " + words + "; do "
-            "if [ -d \"$p\" ]; then printf '%s\\t%s\\t-\\n' \"$p\" \"$(stat -c '%U:%G:%a' \"$p\")\"; "
-            "elif [ -e \"$p\" ]; then printf '%s\\t%s\\t%s\\n' \"$p\" \"$(stat -c '%U:%G:%a' \"$p\")\" "
-            "\"$(sha256sum < \"$p\" | cut -d' ' -f1)\"; fi; done")
+    return (f"stat --printf='%n\\t%U:%G:%a\\t%F\\n' -- {words} 2>/dev/null; echo ==; "
+            f"sha256sum -- {words} 2>/dev/null; true")
 
 
 def parse(paths: list[str], stdout: str) -> dict[str, FileFact]:
     """The table ``read_command`` printed: every asked path, absent unless listed."""
     table = {p: ABSENT for p in paths}
-    for line in stdout.splitlines():
+    stats, _, sums = stdout.partition("==\n")
+    hashes: dict[str, str] = {}
+    for line in sums.splitlines():
+        digest, sep, name = line.partition("  ")
+        if sep and len(digest) == 64:
+            hashes[name] = digest
+    for line in stats.splitlines():
         parts = line.split("\t")
         if len(parts) != 3 or parts[0] not in table or not parts[1]:
             continue
-        table[parts[0]] = FileFact(True, parts[1], None if parts[2] == "-" else parts[2])
+        name, meta, kind = parts
+        if kind == "directory":
+            table[name] = FileFact(True, meta, None)
+        elif name in hashes:
+            table[name] = FileFact(True, meta, hashes[name])
+        # a path stat sees but sha256sum could not read stays unknown to the table: probed itself
+        else:
+            table.pop(name)
     return table
 
 

@@ -82,10 +82,10 @@ class TableRun(RecordingRun):
 def files_answer(files: dict[str, tuple[str, str | None]]):
     """The host's answer to the table's one command, and to a path's own stat."""
     def answer(h, cmd, stdin):
-        if cmd.startswith("for p in "):
-            lines = [f"{p}\t{meta}\t{hashlib.sha256(text.encode()).hexdigest() if text is not None else '-'}"
-                     for p, (meta, text) in files.items()]
-            return Result("\n".join(lines) + "\n")
+        if cmd.startswith("stat --printf="):
+            stats = [f"{p}\t{meta}\t{'directory' if text is None else 'regular file'}" for p, (meta, text) in files.items()]
+            sums = [f"{hashlib.sha256(text.encode()).hexdigest()}  {p}" for p, (_, text) in files.items() if text is not None]
+            return Result("\n".join(stats) + "\n==\n" + "\n".join(sums) + "\n")
         return None
     return answer
 
@@ -101,7 +101,7 @@ def test_a_converged_host_answers_every_file_from_one_command(tmp_path):
     assert h.put("B\n", "/etc/b.conf", mode="0600") is False
     assert h.directory("/etc/d") is False
     assert h.packages(["vim"]) is False and h.installed("vim") and not h.installed("emacs")
-    assert [c.split()[0] for c in h.commands] == ["for", "dpkg-query"]
+    assert [c.split()[0] for c in h.commands] == ["stat", "dpkg-query"]
     assert h.changes == []
 
 

@@ -301,7 +301,12 @@ class Shell:
         for part in cmd.split(" && "):
             if part == "umask 077":
                 continue
-            if part.startswith("dpkg-query"):
+            if m := re.fullmatch(r"openssl pkey -in (\S+) -pubout 2>/dev/null; echo ==hastack-cert==; "
+                                 r"cat (\S+) 2>/dev/null", part):
+                pub = self(host, f"openssl pkey -in {m[1]} -pubout", None)
+                crt = self(host, f"cat {m[2]}", None)
+                out.append((pub.stdout if pub.ok else "") + "==hastack-cert==\n" + (crt.stdout if crt.ok else ""))
+            elif part.startswith("dpkg-query"):
                 out.append("".join(f"{p} installed\n" for p in pki.PACKAGES))
             elif m := re.fullmatch(r"openssl pkey -in (\S+) -pubout", part):
                 content = self.files.get(m[1], [""])[0]
