@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING
 from invoke import Collection
 
 from .core import HostFailed, StepFailed, UserError, q, runbook, topology
-from .core.sql import pg_ident, pg_literal, psql, psql_c, scram_matches, scram_verifier
+from .core.sql import ensure_role, pg_ident, pg_literal, psql, psql_c
 
 if TYPE_CHECKING:
     from .core import HostSession, Run
@@ -337,15 +337,7 @@ def catalog(h: HostSession, password: str) -> None:
         h.changed("would create the catalog: role bacula, database bacula (SQL_ASCII), Bacula's tables")
         return
     user, db = CATALOG["user"], CATALOG["db"]
-    stored = h.probe(psql_c(f"SELECT rolpassword FROM pg_authid WHERE rolname = {pg_literal(user)}"))
-    exists = h.probe(psql_c(f"SELECT rolcanlogin FROM pg_roles WHERE rolname = {pg_literal(user)}")).stdout.strip()
-    if exists == "t" and scram_matches(stored.stdout, password):
-        h.ok(f"catalog role {user}: login, password is the site's (SCRAM)")
-    else:
-        verb = "ALTER" if exists else "CREATE"
-        h.sh(f"{psql()} -f -", stdin=f"{verb} ROLE {pg_ident(user)} WITH LOGIN PASSWORD "
-             f"{pg_literal(scram_verifier(password))};\n",
-             message=f"{verb.lower()} catalog role {user} (SCRAM password from the site's secrets)")
+    ensure_role(h, user, password, "LOGIN", label="catalog role")
     if h.probe(psql_c(f"SELECT 1 FROM pg_database WHERE datname = {pg_literal(db)}")).stdout.strip() == "1":
         h.ok(f"catalog database {db}")
     else:

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 from invoke import Collection
 
 from .core import HostFailed, UserError, q, runbook, topology
-from .core.sql import pg_ident, pg_literal, psql, psql_c, scram_matches, scram_verifier
+from .core.sql import ensure_role, pg_ident, pg_literal, psql, psql_c
 
 if TYPE_CHECKING:
     from .core import HostSession, Run
@@ -279,9 +279,9 @@ def _primary(h: HostSession) -> None:
     if not h.run.check and _scalar(h, "SELECT pg_is_in_recovery()") == "t":
         raise HostFailed(f"{h.name} is the inventory's {PRIMARY_ROLE} but is a standby (in recovery); "
                          "refusing to create roles on it")
-    _role(h, DB_USER, h.run.secret(SECRET_DB), "LOGIN")
-    _role(h, REPL_USER, h.run.secret(SECRET_REPL), "LOGIN REPLICATION")
-    _role(h, REWIND_USER, h.run.secret(SECRET_REWIND), "LOGIN")
+    ensure_role(h, DB_USER, h.run.secret(SECRET_DB), "LOGIN")
+    ensure_role(h, REPL_USER, h.run.secret(SECRET_REPL), "LOGIN REPLICATION")
+    ensure_role(h, REWIND_USER, h.run.secret(SECRET_REWIND), "LOGIN")
     _rewind_grants(h)
     exists = h.probe(psql_c(f"SELECT count(*) FROM pg_database WHERE datname = {pg_literal(DB)}")).stdout.strip()
     if exists == "1":
@@ -341,23 +341,6 @@ def _rewind_grants(h: HostSession) -> None:
     statement = "".join(f"GRANT EXECUTE ON FUNCTION pg_catalog.{f} TO {pg_ident(REWIND_USER)};\n"
                         for f in REWIND_FUNCTIONS)
     h.sh(f"{psql()} -f -", stdin=statement, message=f"role {REWIND_USER}: EXECUTE on the functions pg_rewind calls")
-
-
-def _role(h: HostSession, name: str, password: str, attributes: str) -> None:
-    stored = h.probe(psql_c(f"SELECT rolpassword FROM pg_authid WHERE rolname = {pg_literal(name)}"))
-    row = h.probe(psql_c(f"SELECT count(*) FROM pg_roles WHERE rolname = {pg_literal(name)}")).stdout.strip()
-    verb = "ALTER" if row == "1" else "CREATE"
-    wanted_attrs = h.probe(psql_c(
-        f"SELECT rolcanlogin::text || rolreplication::text FROM pg_roles WHERE rolname = {pg_literal(name)}"))
-    want_flags = "true" + ("true" if "REPLICATION" in attributes else "false")
-    if verb == "ALTER" and scram_matches(stored.stdout, password) and wanted_attrs.stdout.strip() == want_flags:
-        h.ok(f"role {name}: {attributes.lower()}, password is the site's (SCRAM)")
-        return
-    # The verifier is computed here: the clear password never reaches the server
-    # or its logs; psql reads the statement from stdin, not from the command line.
-    statement = f"{verb} ROLE {pg_ident(name)} WITH {attributes} PASSWORD {pg_literal(scram_verifier(password))};\n"
-    h.sh(f"{psql()} -f -", stdin=statement,
-         message=f"{verb.lower()} role {name} ({attributes.lower()}, SCRAM password from the site's secrets)")
 
 
 def _replica(h: HostSession) -> None:

@@ -114,3 +114,23 @@ def scram_matches(verifier: str | None, password: str) -> bool:
     except ValueError:
         return False
     return hmac.compare_digest(scram_verifier(password, salt=salt, iterations=int(m[1])), m[0])
+
+
+def ensure_role(h, name: str, password: str, attributes: str, label: str = "role") -> None:
+    """A PostgreSQL role on the host ``h`` (a HostSession) with ``attributes`` (LOGIN,
+    REPLICATION) and the SCRAM verifier of ``password``: created, or altered when its
+    password or those attributes differ; left alone otherwise. The verifier is
+    computed here: the clear password never reaches the server or its logs, and psql
+    reads the statement from stdin, not from the command line."""
+    stored = h.probe(psql_c(f"SELECT rolpassword FROM pg_authid WHERE rolname = {pg_literal(name)}"))
+    row = h.probe(psql_c(f"SELECT count(*) FROM pg_roles WHERE rolname = {pg_literal(name)}")).stdout.strip()
+    verb = "ALTER" if row == "1" else "CREATE"
+    wanted_attrs = h.probe(psql_c(
+        f"SELECT rolcanlogin::text || rolreplication::text FROM pg_roles WHERE rolname = {pg_literal(name)}"))
+    want_flags = "true" + ("true" if "REPLICATION" in attributes else "false")
+    if verb == "ALTER" and scram_matches(stored.stdout, password) and wanted_attrs.stdout.strip() == want_flags:
+        h.ok(f"{label} {name}: {attributes.lower()}, password is the site's (SCRAM)")
+        return
+    statement = f"{verb} ROLE {pg_ident(name)} WITH {attributes} PASSWORD {pg_literal(scram_verifier(password))};\n"
+    h.sh(f"{psql()} -f -", stdin=statement,
+         message=f"{verb.lower()} {label} {name} ({attributes.lower()}, SCRAM password from the site's secrets)")

@@ -15,6 +15,7 @@ import pytest
 
 from fabfile import backup
 from fabfile.core import Result, templates
+from fabfile.core.sql import scram_verifier
 from fabfile.core.errors import StepFailed, UserError
 from fabfile.core.inventory import load
 from fabfile.core.testing import RecordingRun
@@ -286,9 +287,11 @@ def test_a_converged_site_changes_nothing_and_restarts_nothing():
             if "systemctl show" in cmd:
                 return Result("UnitFileState=enabled\nActiveState=active\n")
             if "rolpassword" in cmd:
-                return Result(backup.scram_verifier(secrets[backup.CATALOG_SECRET]) + "\n")
+                return Result(scram_verifier(secrets[backup.CATALOG_SECRET]) + "\n")
+            if "count(*) FROM pg_roles" in cmd:
+                return Result("1\n")
             if "rolcanlogin" in cmd:
-                return Result("t\n")
+                return Result("truefalse\n")
             if "FROM pg_database" in cmd:
                 return Result("1\n")
             if "to_regclass" in cmd:

@@ -19,7 +19,7 @@ from fabfile import postgres
 from fabfile.core import Result, UserError, templates, topology
 from fabfile.core.errors import HostFailed
 from fabfile.core.inventory import load, parse
-from fabfile.core.sql import PSQL, psql_c
+from fabfile.core.sql import PSQL, psql_c, scram_matches, scram_verifier
 from fabfile.core.testing import RecordingRun, files_present
 from tests.unit.shipped import INVENTORIES
 
@@ -127,7 +127,7 @@ def test_no_password_in_the_templates():
 
 def test_scram_verifier_matches_rfc_7677_construction():
     salt = b"0123456789abcdef"
-    v = postgres.scram_verifier("pencil", salt=salt, iterations=4096)
+    v = scram_verifier("pencil", salt=salt, iterations=4096)
     head, keys = v.split("$", 1)[1].split("$")
     iterations, b64salt = head.split(":")
     assert iterations == "4096" and base64.b64decode(b64salt) == salt
@@ -137,20 +137,20 @@ def test_scram_verifier_matches_rfc_7677_construction():
 
 
 def test_scram_matches_its_own_verifier_and_not_another_password():
-    v = postgres.scram_verifier("correct horse")
-    assert postgres.scram_matches(v, "correct horse")
-    assert not postgres.scram_matches(v, "battery staple")
-    assert postgres.scram_verifier("x") != postgres.scram_verifier("x")  # fresh salt each time
+    v = scram_verifier("correct horse")
+    assert scram_matches(v, "correct horse")
+    assert not scram_matches(v, "battery staple")
+    assert scram_verifier("x") != scram_verifier("x")  # fresh salt each time
 
 
 @pytest.mark.parametrize("stored", [None, "", "md5abcdef", "SCRAM-SHA-256$4096:!!$a:b", "garbage"])
 def test_scram_matches_is_false_for_other_formats(stored):
-    assert not postgres.scram_matches(stored, "pw")
+    assert not scram_matches(stored, "pw")
 
 
 def test_empty_password_has_no_verifier():
     with pytest.raises(UserError):
-        postgres.scram_verifier("")
+        scram_verifier("")
 
 
 # --- hosts -----------------------------------------------------------------------------------
@@ -451,9 +451,9 @@ def primary_facts(*, roles: dict[str, str], database: bool, slot: bool, grants: 
 
 
 def converged_roles():
-    return {"ejabberd": postgres.scram_verifier("db-pw-of-ejabberd"),
-            "replicator": postgres.scram_verifier("repl-pw"),
-            "rewind": postgres.scram_verifier("rewind-pw")}
+    return {"ejabberd": scram_verifier("db-pw-of-ejabberd"),
+            "replicator": scram_verifier("repl-pw"),
+            "rewind": scram_verifier("rewind-pw")}
 
 
 def test_primary_on_a_fresh_cluster_creates_roles_database_and_slot(lab):
@@ -474,9 +474,9 @@ def test_primary_on_a_fresh_cluster_creates_roles_database_and_slot(lab):
     assert create_db_user.startswith('CREATE ROLE "ejabberd" WITH LOGIN PASSWORD \'SCRAM-SHA-256$4096:')
     assert create_repl.startswith('CREATE ROLE "replicator" WITH LOGIN REPLICATION PASSWORD \'SCRAM-SHA-256$')
     assert create_rewind.startswith('CREATE ROLE "rewind" WITH LOGIN PASSWORD \'SCRAM-SHA-256$')
-    assert postgres.scram_matches(create_db_user.split("'")[1], "db-pw-of-ejabberd")
-    assert postgres.scram_matches(create_repl.split("'")[1], "repl-pw")
-    assert postgres.scram_matches(create_rewind.split("'")[1], "rewind-pw")
+    assert scram_matches(create_db_user.split("'")[1], "db-pw-of-ejabberd")
+    assert scram_matches(create_repl.split("'")[1], "repl-pw")
+    assert scram_matches(create_rewind.split("'")[1], "rewind-pw")
     assert grants == GRANT_SCRIPT
     # the clear passwords reach neither a command line nor the server
     everything = "\n".join(h.commands) + "\n".join(s for _, s in h.stdins)
@@ -521,14 +521,14 @@ def test_primary_already_converged_changes_nothing(lab):
 
 @pytest.mark.parametrize("role,password", [("ejabberd", "db-pw-of-ejabberd"), ("rewind", "rewind-pw")])
 def test_primary_resets_a_password_that_is_not_the_sites(lab, role, password):
-    roles = {**converged_roles(), role: postgres.scram_verifier("someone else's")}
+    roles = {**converged_roles(), role: scram_verifier("someone else's")}
     run = RecordingRun(lab, secrets=SECRETS, answers={"*": [READY]},
                        responder=primary_facts(roles=roles, database=True, slot=True))
     h = run.session("psql1server")
     postgres._primary(h)
     assert h.changes == [f"{PSQL} -d postgres -f -"]
     assert h.stdins[0][1].startswith(f'ALTER ROLE "{role}" WITH LOGIN PASSWORD ')
-    assert postgres.scram_matches(h.stdins[0][1].split("'")[1], password)
+    assert scram_matches(h.stdins[0][1].split("'")[1], password)
 
 
 def test_a_slot_of_a_host_outside_the_inventory_is_dropped_once_unused(lab):
