@@ -165,24 +165,10 @@ JOB_TIMEOUT = 6 * 3600  # how long `backup.run` / restore / drill wait for one j
 # --- what the inventory says ---------------------------------------------------------------
 
 
-def backup_host(inv: Inventory) -> str | None:
-    return topology.backup_host(inv)
-
-
-def jobs(inv: Inventory) -> dict[str, BackupJob]:
-    return dict(inv.backup_jobs)
-
-
-def clients(inv: Inventory) -> list[str]:
-    """The hosts the jobs back up, in inventory order."""
-    named = {job.client for job in inv.backup_jobs.values()}
-    return [h for h in inv.hosts if h in named]
-
-
 def cycle(job: BackupJob) -> str:
     """The job's schedule: `schedule` in the inventory when it has one, else the seed's:
     the hourly cycle for a database dump, the monthly one for files."""
-    return getattr(job, "schedule", None) or ("hourly" if job.pg_dump else "monthly")
+    return job.schedule or ("hourly" if job.pg_dump else "monthly")
 
 
 def dump_files(db: str) -> list[str]:
@@ -228,7 +214,7 @@ def job_vars(inv: Inventory, name: str, job: BackupJob) -> dict:
 
 
 def template_vars(inv: Inventory, host: str, secret) -> dict:
-    bk = backup_host(inv) or host
+    bk = topology.backup_host(inv) or host
     b = inv.backup
     return {
         "backup_host": bk,
@@ -243,7 +229,7 @@ def template_vars(inv: Inventory, host: str, secret) -> dict:
         "catalog": {**CATALOG, "password": secret(CATALOG_SECRET)},
         "tls": {"ca": topology.CA_FILE, "cert": topology.cert_path(host), "key": topology.key_path(host)},
         "clients": [{"name": c, "fd": f"{c}-fd", "fqdn": inv.fqdn(c), "password": secret(fd_secret(c)),
-                     "address": topology.reach_address(inv, bk, c)} for c in clients(inv)],
+                     "address": topology.reach_address(inv, bk, c)} for c in topology.backup_clients(inv)],
         "jobs": [job_vars(inv, name, job) for name, job in inv.backup_jobs.items()],
         "jobdefs": JOBDEFS,
         "restore_job": RESTORE_JOB,
@@ -271,15 +257,15 @@ def template_vars(inv: Inventory, host: str, secret) -> dict:
 
 def converge(run: Run) -> None:
     inv = run.inv
-    bk = backup_host(inv)
+    bk = topology.backup_host(inv)
     if bk is None or not inv.backup_jobs:
         run.report.note("backup: nothing to do (" + ("no host with role backup" if bk is None
                                                      else "no backup.jobs in the inventory") + ")")
         return
-    for name in (DIR_SECRET, SD_SECRET, CATALOG_SECRET, *(fd_secret(c) for c in clients(inv))):
+    for name in (DIR_SECRET, SD_SECRET, CATALOG_SECRET, *(fd_secret(c) for c in topology.backup_clients(inv))):
         run.secret(name)  # generated (and saved) once, before the hosts work in parallel
     selected = run.hosts()
-    fds = [c for c in clients(inv) if c in selected]
+    fds = [c for c in topology.backup_clients(inv) if c in selected]
     server = [bk] if bk in selected else []
     run.step("backup: certificates present", [h for h in inv.hosts if h in set(fds + server)],
              topology.require_certificate)
@@ -387,7 +373,7 @@ def catalog_query(sql: str) -> str:
 def director(run: Run) -> HostSession:
     """The backup host, when the inventory has one with jobs and its director runs."""
     inv = run.inv
-    bk = backup_host(inv)
+    bk = topology.backup_host(inv)
     if bk is None:
         raise UserError(f"{inv.path}: no host with role backup: Bacula is not part of this site")
     if not inv.backup_jobs:
@@ -437,14 +423,15 @@ def check_dir(value: str, what: str = "DIR") -> str:
 def parse_target(inv: Inventory, value: str | None) -> tuple[str, str]:
     """--to HOST:DIR: HOST a Bacula client of the inventory, DIR absolute and safe."""
     if not value or ":" not in value:
-        raise UserError(f"--to {value!r}: give HOST:DIR, e.g. --to {next(iter(clients(inv)), 'host')}:/var/tmp/restore "
+        example = next(iter(topology.backup_clients(inv)), "host")
+        raise UserError(f"--to {value!r}: give HOST:DIR, e.g. --to {example}:/var/tmp/restore "
                         "(nothing was changed)")
     host, _, where = value.partition(":")
     if host not in inv.hosts:
         raise UserError(f"--to {value!r}: unknown host {host!r} (nothing was changed)")
-    if host not in clients(inv):
+    if host not in topology.backup_clients(inv):
         raise UserError(f"--to {value!r}: {host} runs no Bacula file daemon; restore onto one of the jobs' "
-                        f"clients: {', '.join(clients(inv))} (nothing was changed)")
+                        f"clients: {', '.join(topology.backup_clients(inv))} (nothing was changed)")
     return host, check_dir(where, "--to")
 
 
@@ -635,11 +622,11 @@ def job_statuses(inv: Inventory, good: list[JobRun], last: list[JobRun], pools: 
     goods = {r.name: r for r in good}
     lasts = {r.name: r for r in last}
     out = []
+    by_name = {p.name: p for p in pools}
     for name in inv.backup_jobs:
         g = goods.get(name)
-        mine = {p.name: p for p in pools}
-        out.append(JobStatus(name, g, lasts.get(name), [mine[f"{name}-{level}"] for level in LEVELS
-                                                        if f"{name}-{level}" in mine],
+        out.append(JobStatus(name, g, lasts.get(name), [by_name[f"{name}-{level}"] for level in LEVELS
+                                                        if f"{name}-{level}" in by_name],
                              stale=g is not None and (g.age is None or g.age > limit)))
     return out
 

@@ -91,10 +91,12 @@ def backup_host(inv: Inventory) -> str | None:
 
 
 def backup_clients(inv: Inventory) -> list[str]:
-    """The hosts Bacula backs up (the clients of backup.jobs), when there is a backup host."""
+    """The hosts Bacula backs up (the clients of backup.jobs), in inventory order, when
+    there is a backup host."""
     if backup_host(inv) is None:
         return []
-    return list(dict.fromkeys(job.client for job in inv.backup_jobs.values()))
+    named = {job.client for job in inv.backup_jobs.values()}
+    return [h for h in inv.hosts if h in named]
 
 
 def wal_archive(inv: Inventory) -> str | None:
