@@ -172,13 +172,25 @@ def converge(run: Run) -> None:
     run.step("walarchive: the stanza and the first full backup", [bk], _stanza)
 
 
-def _files(h: HostSession, tvars: dict) -> bool:
-    """The package, the config and the TLS server's unit; whether the server must restart."""
+def _in_ssl_cert(h: HostSession, user: str) -> None:
+    """``user`` may read the host key (root:ssl-cert 0640): pgBackRest's TLS runs as it."""
+    h.ensure(f"id -nG {user} | grep -qw ssl-cert", f"usermod -aG ssl-cert {user}",
+             f"user {user} in group ssl-cert (the host key)")
+
+
+def _config(h: HostSession, tvars: dict) -> bool:
+    """The package, its configuration and its log folder; whether the configuration changed."""
     h.packages(PACKAGES)
     h.directory("/etc/pgbackrest", mode="0755")
     changed = h.template("walarchive/etc/pgbackrest/pgbackrest.conf.j2", CONF, tvars, group=tvars["user"],
                          mode="0640")
     h.directory(LOG_DIR, owner=tvars["user"], group=tvars["user"], mode="0750")
+    return changed
+
+
+def _files(h: HostSession, tvars: dict) -> bool:
+    """The configuration and the TLS server's unit; whether the server must restart."""
+    changed = _config(h, tvars)
     unit = h.template(f"walarchive{SERVER_SERVICE}.j2", SERVER_SERVICE, tvars)
     if unit and not h.run.check:
         h.sh("systemctl daemon-reload", message="systemctl daemon-reload (pgBackRest's TLS server)")
@@ -187,12 +199,10 @@ def _files(h: HostSession, tvars: dict) -> bool:
 
 def _repo_host(h: HostSession) -> None:
     tvars = h.tier_vars(template_vars)
-    h.packages(PACKAGES)
     h.ensure(f"id -u {REPO_USER} >/dev/null 2>&1",
              f"useradd --system --home-dir /var/lib/{REPO_USER} --create-home --shell /usr/sbin/nologin "
              f"--groups ssl-cert {REPO_USER}", f"user {REPO_USER} (group ssl-cert: the host key)")
-    h.ensure(f"id -nG {REPO_USER} | grep -qw ssl-cert", f"usermod -aG ssl-cert {REPO_USER}",
-             f"user {REPO_USER} in group ssl-cert")
+    _in_ssl_cert(h, REPO_USER)
     h.directory(tvars["repo_path"], owner=REPO_USER, group=REPO_USER, mode="0750")
     restart = _files(h, tvars)
     h.directory("/usr/local/lib/hastack", mode="0755")
@@ -212,7 +222,7 @@ def _repo_host(h: HostSession) -> None:
 
 def _pg_host(h: HostSession) -> None:
     tvars = h.tier_vars(template_vars)
-    h.ensure("id -nG postgres | grep -qw ssl-cert", "usermod -aG ssl-cert postgres", "user postgres in group ssl-cert")
+    _in_ssl_cert(h, "postgres")
     restart = _files(h, tvars)
     h.service(SERVER_UNIT, restart=restart and not h.run.check)
 
@@ -401,12 +411,9 @@ def restore(run, to, on=None, force=False):
 
     def restore_one(h: HostSession) -> None:
         tvars = template_vars(inv, host, run.secret)
-        h.packages(["postgresql", "postgresql-client"] + PACKAGES)
-        h.ensure("id -nG postgres | grep -qw ssl-cert", "usermod -aG ssl-cert postgres",
-                 "user postgres in group ssl-cert")
-        h.directory("/etc/pgbackrest", mode="0755")
-        h.template("walarchive/etc/pgbackrest/pgbackrest.conf.j2", CONF, tvars, group="postgres", mode="0640")
-        h.directory(LOG_DIR, owner="postgres", group="postgres", mode="0750")
+        h.packages(["postgresql", "postgresql-client"] + PACKAGES)  # one install
+        _in_ssl_cert(h, "postgres")
+        _config(h, tvars)  # a restore target is a client of the repository: no TLS server of its own
         h.sh(f"systemctl stop {PG_UNIT}; find {PG_DATA} -mindepth 1 -delete; "
              f"install -d -o postgres -g postgres -m 0700 {PG_DATA}", message=f"{PG_UNIT} stopped, {PG_DATA} emptied")
         h.sh(f"runuser -u postgres -- pgbackrest --stanza={STANZA} --type=time --target={q(target)} "
