@@ -108,7 +108,7 @@ def parse_units(units: list[str], stdout: str) -> dict[str, dict[str, str]] | No
 UNIT_NAME = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@._:-\\"
 
 
-class KnownPaths:
+class Known:
     """The paths and units each host's runs managed, kept in a JSON file beside the
     inventory: {host: {"paths": [...], "units": [...]}}."""
 
@@ -130,7 +130,7 @@ class KnownPaths:
                         "units": [u for u in entry.get("units", []) if isinstance(u, str) and unit_name(u)],
                     }
 
-    def of(self, host: str) -> list[str]:
+    def paths_of(self, host: str) -> list[str]:
         return list(self._old.get(host, {}).get("paths", []))
 
     def units_of(self, host: str) -> list[str]:

@@ -80,9 +80,9 @@ class Run:
         self.report = report if report is not None else Report(title + (" (check mode)" if check else ""),
                                                                mask=self.secrets.mask)
         self._sessions: dict[str, HostSession] = {}
-        # The paths earlier runs managed on each host, read in one command per host
+        # The paths and units earlier runs managed on each host, read in one command per host
         # (core/facts.py); a dry run reads the list but never writes it.
-        self.known_paths = facts.KnownPaths(inv.site_file("paths.json"), persist=not check)
+        self.known = facts.Known(inv.site_file("paths.json"), persist=not check)
         # Something changed on some host in this run: what the tables read may be stale
         # anywhere (a change on one host can change another: pcs, Pacemaker, a cluster).
         self.changed_any = False
@@ -196,7 +196,7 @@ class Run:
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
-        self.known_paths.save()
+        self.known.save()
         self.report.close()
 
     # --- steps --------------------------------------------------------------
@@ -493,10 +493,10 @@ class HostSession:
     def unit_state(self, name: str) -> dict[str, str]:
         """A unit's properties that `service` decides on: from the table of known
         units (core/facts.py) while nothing changed in this run, else one probe."""
-        self.run.known_paths.touched_unit(self.name, name)
+        self.run.known.touched_unit(self.name, name)
         if not self.run.changed_any:
             if self._units is None:
-                units = self.run.known_paths.units_of(self.name)
+                units = self.run.known.units_of(self.name)
                 self._units = {}
                 if units:
                     r = self.probe(facts.units_command(units, self.UNIT_PROPERTIES))
@@ -544,17 +544,17 @@ class HostSession:
     def _file_fact(self, path: str) -> facts.FileFact | None:
         """What the table of known paths (core/facts.py) says of ``path``; None when
         it does not know it, or when something changed (on any host) in this run."""
-        self.run.known_paths.touched(self.name, path)
+        self.run.known.touched(self.name, path)
         if self.run.changed_any:
             return None
         if self._files is None:
-            paths = self.run.known_paths.of(self.name)
+            paths = self.run.known.paths_of(self.name)
             self._files = {}
             if paths:
                 r = self.probe(facts.read_command(paths))
                 if r.ok:
                     self._files = facts.parse(paths, r.stdout)
-                    self.run.known_paths.seen(self.name, self._files)
+                    self.run.known.seen(self.name, self._files)
         return self._files.get(path)
 
     def put(self, content: str | bytes, dest: str, *, owner: str = "root", group: str = "root",

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .facts import KnownPaths
+from .facts import Known
 from .inventory import Inventory
 from .remote import HostSession, Result, Run
 from .report import Report
@@ -165,7 +165,7 @@ class RecordingRun(Run):
         super().__init__(inv, title=title, only=only, check=check, secrets=secrets, report=report)
         # No table of known paths: every file is probed as the rules answer it (a test
         # of the table gives its own, see tests/unit/test_facts.py).
-        self.known_paths = KnownPaths(None)
+        self.known = Known(None)
 
     def session(self, host: str) -> RecordingHost:
         if host not in self._sessions:

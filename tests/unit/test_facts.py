@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 from fabfile.core import Result, facts
-from fabfile.core.facts import FileFact, KnownPaths
+from fabfile.core.facts import FileFact, Known
 from fabfile.core.inventory import load
 from fabfile.core.testing import RecordingRun, packages_present
 
@@ -50,8 +50,8 @@ def test_known_paths_keep_what_was_managed_or_still_exists(tmp_path):
     path.write_text(json.dumps({"a": {"paths": ["/etc/old", "/etc/gone", "relative", "/etc/x\ty"],
                                       "units": ["nginx", "bad unit; id"]},
                                 "b": {"paths": ["/etc/b"], "units": []}}))
-    known = KnownPaths(path)
-    assert known.of("a") == ["/etc/old", "/etc/gone"]  # unsafe and relative entries are never listed
+    known = Known(path)
+    assert known.paths_of("a") == ["/etc/old", "/etc/gone"]  # unsafe and relative entries are never listed
     assert known.units_of("a") == ["nginx"]
     known.seen("a", {"/etc/old": FileFact(True, "root:root:644", "x"), "/etc/gone": facts.ABSENT})
     known.touched("a", "/etc/new")
@@ -64,19 +64,19 @@ def test_known_paths_keep_what_was_managed_or_still_exists(tmp_path):
 
 def test_a_dry_run_and_a_missing_or_broken_file_change_nothing(tmp_path):
     path = tmp_path / "lab.paths.json"
-    dry = KnownPaths(path, persist=False)
+    dry = Known(path, persist=False)
     dry.touched("a", "/etc/x")
     dry.save()
     assert not path.exists()
     path.write_text("{not json")
-    broken = KnownPaths(path)
-    assert broken.of("a") == []
+    broken = Known(path)
+    assert broken.paths_of("a") == []
 
 
 class TableRun(RecordingRun):
     def __init__(self, inv, table: Path, **kw):
         super().__init__(inv, **kw)
-        self.known_paths = KnownPaths(table, persist=not kw.get("check", False))
+        self.known = Known(table, persist=not kw.get("check", False))
 
 
 def files_answer(files: dict[str, tuple[str, str | None]]):
@@ -116,7 +116,7 @@ def test_after_a_change_each_path_is_probed_again(tmp_path):
     h.put("B\n", "/etc/b.conf")  # something changed: the table may be stale, the path is probed
     assert any(c.startswith("stat -c '%U:%G:%a' /etc/b.conf") for c in h.commands)
     run.close()
-    assert KnownPaths(table).of("e1server") == ["/etc/a.conf", "/etc/b.conf"]
+    assert Known(table).paths_of("e1server") == ["/etc/a.conf", "/etc/b.conf"]
 
 
 def test_a_new_path_is_probed_and_remembered_for_the_next_run(tmp_path):
