@@ -383,14 +383,21 @@ def test_restore_and_run_reach_bconsole_with_validated_words_only():
             backup.check_time(bad)
 
 
+def director_answers(jobid: int, row: str, wait_output: str = "", *more) -> dict:
+    """The backup host: its director runs, bconsole queues JobId ``jobid`` and waits for it,
+    the catalog has ``row`` for it; ``more`` rules after those."""
+    return {"bk1server": [
+        (r"systemctl is-active --quiet bacula-director", Result()),
+        (r"^bconsole", lambda c, s: Result(f"Job queued. JobId={jobid}\n" if s.startswith("run ") else wait_output)),
+        (rf"FROM job WHERE jobid = {jobid}", Result(row + "\n")),
+        *more,
+    ]}
+
+
 def test_run_waits_for_the_job_and_fails_when_it_did_not_end_ok():
     row = "7|e1-fs|I|f|2026-01-01 01:00:00|2026-01-01 01:00:09|0|0|9|60"
-    answers = {"bk1server": [
-        (r"systemctl is-active --quiet bacula-director", Result()),
-        (r"^bconsole", lambda c, s: Result("Job queued. JobId=7\n" if s.startswith("run ") else "JobStatus=Error\n")),
-        (r"FROM job WHERE jobid = 7", Result(row + "\n")),
-        (r"FROM log WHERE jobid = 7", Result("Fatal error: cannot connect to the client\n")),
-    ]}
+    answers = director_answers(7, row, "JobStatus=Error\n",
+                               (r"FROM log WHERE jobid = 7", Result("Fatal error: cannot connect to the client\n")))
     run = RecordingRun(LAB, answers=answers)
     with pytest.raises(UserError, match=r"(?s)did not end OK.*JobId 7 e1-fs: f \(fatal error\).*cannot connect"):
         backup.run_.runbook(run, "e1-fs", level="full")
@@ -400,12 +407,7 @@ def test_run_waits_for_the_job_and_fails_when_it_did_not_end_ok():
 
 def test_run_reports_a_good_job():
     row = "8|e1-fs|F|T|2026-01-01 01:00:00|2026-01-01 01:01:40|1234|5242880|100|60"
-    answers = {"bk1server": [
-        (r"systemctl is-active --quiet bacula-director", Result()),
-        (r"^bconsole", lambda c, s: Result("Job queued. JobId=8\n" if s.startswith("run ") else "")),
-        (r"FROM job WHERE jobid = 8", Result(row + "\n")),
-    ]}
-    run = RecordingRun(LAB, answers=answers)
+    run = RecordingRun(LAB, answers=director_answers(8, row))
     backup.run_.runbook(run, "e1-fs")
     ok = run.session("bk1server").reported("ok")[-1]
     assert "T (OK), Full, 1234 files, 5.0 MiB, 100 s" in ok

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -247,7 +248,7 @@ def test_nfs_mode_exports_then_mounts_and_schedules_base_backups():
         h = run.session(host)
         assert any("apt-get install" in c and "nfs-common" in c for c in h.changes)
         [fstab] = [c for c in h.changes if "/etc/fstab" in c]
-        assert walarchive.fstab_line(inv, host) in shlex_words(fstab)
+        assert walarchive.fstab_line(inv, host) in shlex.split(fstab)
         unit = h.uploads[f"/etc/systemd/system/{walarchive.BASEBACKUP_UNIT}.service.hastack-new"]
         assert "RequiresMountsFor=/var/lib/postgresql/walarchive" in unit
         assert "pg_is_in_recovery" in unit and "head -n -2" in unit  # only the primary; two kept
@@ -264,11 +265,6 @@ def test_the_calendar_expressions_are_systemd_ones():
     for expr in (inv.backup.base_backup_full, inv.backup.base_backup_diff):
         r = subprocess.run(["systemd-analyze", "calendar", expr], capture_output=True, text=True)
         assert r.returncode == 0, (expr, r.stderr)
-
-
-def shlex_words(cmd: str) -> list[str]:
-    import shlex
-    return shlex.split(cmd)
 
 
 def test_a_good_base_backup_writes_one_series_for_the_stanza_and_a_failed_one_none(tmp_path):
