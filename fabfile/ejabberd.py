@@ -66,8 +66,16 @@ SCHEMA_TABLES = ("users", "muc_room", "muc_registered", "pubsub_node", "pubsub_i
 DIST_PORTS = "4200-4210"
 CTL = "ejabberdctl"
 STATUS = f"{CTL} status"
-STARTED = f"{STATUS} >/dev/null 2>&1"  # the node answers (awaited with h.wait_for)
 START_TIMEOUT = 90
+# The deploy reads a node's state with erl_call (erlang-base): a small C client of the
+# node's Erlang distribution, about 10 ms, where every ejabberdctl call boots an Erlang
+# VM of its own (0.4 s of CPU). The expression comes on standard input, the cookie from
+# the ejabberd user's home (never on a command line); changes still go through ejabberdctl.
+ERL_CALL = "runuser -u ejabberd -- env HOME=/var/lib/ejabberd erl_call -timeout 10 -sname {node} -e"
+# {started | not_started, the cluster's nodes}: started = ejabberdctl status's test
+# (the ejabberd application runs in the node).
+NODE_STATE = ("{case catch ejabberd_admin:status() of {ok, _} -> started; _ -> not_started end, "
+              "ejabberd_cluster:get_nodes()}.")
 
 # RFC 7622 localpart (nodeprep): no spaces, no "&'/:<>@ and no control characters.
 LOCALPART = re.compile(r"[^\s\"&'/:<>@\x00-\x1f\x7f]{1,1023}")
@@ -78,6 +86,21 @@ LOCALPART = re.compile(r"[^\s\"&'/:<>@\x00-\x1f\x7f]{1,1023}")
 
 def node_name(host: str) -> str:
     return f"ejabberd@{host}"
+
+
+def erl_call(host: str) -> str:
+    """The command evaluating the Erlang expression on its standard input in ``host``'s node."""
+    return ERL_CALL.format(node=q(node_name(host)))
+
+
+def started(host: str) -> str:
+    """A command that succeeds once ``host``'s node runs ejabberd (awaited with h.wait_for)."""
+    return f"printf '%s\\n' {q(NODE_STATE)} | {erl_call(host)} 2>/dev/null | grep -q '^{{ok, {{started,'"
+
+
+def erl_binary(text: str) -> str:
+    """An Erlang binary of ``text``'s UTF-8 bytes, written as numbers: nothing in it to escape."""
+    return "<<" + ",".join(str(b) for b in text.encode()) + ">>"
 
 
 def admin_jids(inv: Inventory) -> list[str]:
@@ -280,33 +303,41 @@ def _admins(h: HostSession, admins: list[str]) -> None:
     """Each admin account registered once with its generated password (on stdin).
     An existing account is left as it is; a password that is not the one in the
     secrets file is reported, not overwritten: someone set or changed it on
-    purpose, and overwriting it would lock out whoever uses it."""
+    purpose, and overwriting it would lock out whoever uses it. Whether each
+    account exists and has its password is one erl_call (the passwords inside
+    the expression on its standard input, as numbers)."""
     dom = topology.xmpp_domain(h.inv)
     where = h.run.secrets.path
-    for local in admins:
+    states = _admin_states(h, dom, admins)
+    for local, (exists, same) in zip(admins, states):
         jid, key = f"{local}@{dom}", admin_secret(local)
-        password = h.run.secret(key)
-        have = h.probe(join(CTL, "check_account", local, dom))
-        if not have.ok:
-            # 1: no such account. Anything else: ejabberdctl failed (in check mode
-            # ejabberd may not even be installed yet: then it would be registered).
-            if have.exited != 1 and not h.run.check:
-                raise HostFailed(f"`ejabberdctl check_account {local} {dom}` exited {have.exited}: "
-                                 + (have.stderr or have.stdout).strip())
-            _set_password(h, "register", local, dom, password,
+        if not exists:
+            _set_password(h, "register", local, dom, h.run.secret(key),
                           f"registered admin {jid} (password: {key} in {where})")
-            continue
-        same = h.probe(join(CTL, "check_password", local, dom) + ' "$(cat)"', stdin=password)
-        if same.ok:
+        elif same:
             h.ok(f"admin {jid} registered, password as in {key}")
-        elif same.exited == 1:
+        else:
             h.ok(f"admin {jid} registered; its password is not the one in {key}: left as it is")
             h.note(f"{jid}: the account's password was set by hand or changed since; {key} in {where} "
                    "does not hold it. Keep it so, or set the generated one again with "
                    f"`inv ejabberd.change-password {jid} --password-file FILE`")
-        else:
-            raise HostFailed(f"`ejabberdctl check_password {local} {dom}` exited {same.exited}: "
-                             + (same.stderr or same.stdout).strip())
+
+
+def _admin_states(h: HostSession, dom: str, admins: list[str]) -> list[tuple[bool, bool]]:
+    """(registered, password is the secrets file's) of each admin, read in the node."""
+    accounts = ", ".join(f"{{{erl_binary(local)}, {erl_binary(h.run.secret(admin_secret(local)))}}}"
+                         for local in admins)
+    expr = (f"S = {erl_binary(dom)}, [{{ejabberd_auth:user_exists(U, S), ejabberd_auth:check_password(U, <<>>, S, P)}}"
+            f" || {{U, P}} <- [{accounts}]].\n")
+    r = h.probe(erl_call(h.name), stdin=expr)
+    states = re.findall(r"\{(true|false), ?(true|false)\}", r.stdout) if r.ok and r.stdout.startswith("{ok,") else []
+    if len(states) == len(admins):
+        return [(exists == "true", same == "true") for exists, same in states]
+    if h.run.check:  # a fresh site: ejabberd is not even installed yet, it would be registered
+        return [(False, False)] * len(admins)
+    said = (r.stdout or r.stderr).strip()
+    raise HostFailed(f"reading the admin accounts in {node_name(h.name)} (erl_call) failed, exit {r.exited}: "
+                     f"{said[:200] or 'no output'}; nothing was changed")
 
 
 def _epmd(h: HostSession) -> None:
@@ -327,12 +358,17 @@ def _running(h: HostSession, changed: bool) -> None:
     if h.run.check:
         return
     try:
-        h.wait_for(STARTED, timeout=START_TIMEOUT, what=f"ejabberd started as {node_name(h.name)}")
+        h.wait_for(started(h.name), timeout=START_TIMEOUT, what=f"ejabberd started as {node_name(h.name)}")
     except HostFailed as exc:
         log = h.probe("tail -n 20 /var/log/ejabberd/error.log /var/log/ejabberd/ejabberd.log 2>/dev/null")
         raise HostFailed(f"{exc}:\n{log.stdout.strip()}") from None
-    running = h.read(STATUS).strip().splitlines()
-    h.ok(running[0] if running else f"{node_name(h.name)} started")
+    h.ok(f"{node_name(h.name)} started, ejabberd running")
+
+
+def node_members(h: HostSession) -> list[str] | None:
+    """The cluster's nodes as ``h``'s node lists them (erl_call); None when it does not answer."""
+    r = h.probe(erl_call(h.name), stdin=NODE_STATE + "\n")
+    return cluster_members(r.stdout) if r.ok and r.stdout.startswith("{ok,") else None
 
 
 def cluster_members(text: str) -> list[str]:
@@ -344,8 +380,7 @@ def _cluster_view(h: HostSession) -> list[str]:
     """The members the first node lists; a member that is no node of the inventory
     (retired by `inv rescue.replace`, or taken out of the inventory) is removed from
     the cluster here (`leave_cluster` works for a node that is down too)."""
-    have = h.probe(f"{CTL} list_cluster")
-    members = cluster_members(have.stdout) if have.ok else [node_name(h.name)]
+    members = node_members(h) or [node_name(h.name)]
     wanted = {node_name(n) for n in topology.ejabberd_nodes(h.inv)}
     stale = [m for m in members if m not in wanted]
     for m in stale:
@@ -361,8 +396,7 @@ def _join(h: HostSession, first: str, members: list[str] | None = None) -> None:
     read), and as ``h`` itself sees it (a node that comes back after it was removed
     may still list the cluster it was taken out of)."""
     want = node_name(first)
-    have = h.probe(f"{CTL} list_cluster")
-    mine = cluster_members(have.stdout) if have.ok else []
+    mine = node_members(h) or []
     if want in mine and (members is None or node_name(h.name) in members):
         h.ok(f"in the cluster: {', '.join(mine)}")
         return
@@ -373,7 +407,8 @@ def _join(h: HostSession, first: str, members: list[str] | None = None) -> None:
     # membership.
     h.sh(f"{CTL} --no-timeout join_cluster {q(want)} && {CTL} stop && {CTL} stopped && systemctl start ejabberd",
          message=f"join_cluster {want}, then restart the unit cleanly", timeout=300)
-    h.wait_for(STARTED, timeout=START_TIMEOUT, what=f"ejabberd started again as {node_name(h.name)} after the join")
+    h.wait_for(started(h.name), timeout=START_TIMEOUT,
+               what=f"ejabberd started again as {node_name(h.name)} after the join")
     if not h.run.check:
         after = h.read(f"{CTL} list_cluster")
         if want not in cluster_members(after):

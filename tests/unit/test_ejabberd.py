@@ -469,25 +469,44 @@ def test_schema_without_the_module_tables_is_reported_not_reloaded(lab):
     assert run.session("psql1server").changes == [] and run.session("e1server").commands == []
 
 
+def node_state(*members: str, started: bool = True):
+    """erl_call's answer to ejabberd.NODE_STATE: the node started or not, the cluster's nodes."""
+    return Result("{ok, {%s, [%s]}}" % ("started" if started else "not_started", ", ".join(members)))
+
+
 def test_join_an_already_joined_node_changes_nothing(lab):
     run = RecordingRun(lab, answers={"*": [
-        (r"^ejabberdctl list_cluster$", Result("'ejabberd@e1server'\n'ejabberd@e2server'\n"))]})
+        (r"erl_call -timeout 10 -sname ejabberd@e2server -e$", node_state("ejabberd@e1server", "ejabberd@e2server"))]})
     h = run.session("e2server")
     ejabberd._join(h, "e1server")
-    assert h.changes == [] and h.commands == ["ejabberdctl list_cluster"]
+    assert h.changes == [] and h.commands == [ejabberd.erl_call("e2server")]
+    assert h.stdins == [(ejabberd.erl_call("e2server"), ejabberd.NODE_STATE + "\n")]
 
 
 def test_join_a_new_node_joins_restarts_cleanly_and_waits(lab):
-    clusters = iter(["'ejabberd@e2server'\n", "'ejabberd@e1server'\n'ejabberd@e2server'\n"])
     run = RecordingRun(lab, answers={"*": [
-        (r"^ejabberdctl list_cluster$", lambda cmd, stdin: Result(next(clusters))),
-        (r"ejabberdctl status >/dev/null 2>&1 && exit 0", Result()),
+        (r"erl_call -timeout 10 -sname ejabberd@e2server -e$", node_state("ejabberd@e2server")),
+        (r"^ejabberdctl list_cluster$", Result("'ejabberd@e1server'\n'ejabberd@e2server'\n")),
+        (r"grep -q '\^\{ok, \{started,' && exit 0", Result()),
     ]})
     h = run.session("e2server")
     ejabberd._join(h, "e1server")
     assert h.changes == ["ejabberdctl --no-timeout join_cluster ejabberd@e1server && ejabberdctl stop "
                          "&& ejabberdctl stopped && systemctl start ejabberd"]
-    assert h.commands[2].startswith("for i in $(seq 90); do ejabberdctl status >/dev/null 2>&1 && exit 0;")
+    assert h.commands[2] == f"for i in $(seq 90); do {ejabberd.started('e2server')} && exit 0; sleep 1; done; exit 1"
+
+
+def test_started_is_erl_call_asking_the_node_for_the_ejabberd_application():
+    cmd = ejabberd.started("e1server")
+    assert cmd.startswith("printf '%s\\n' ") and shlex.split(cmd)[2] == ejabberd.NODE_STATE
+    assert "| runuser -u ejabberd -- env HOME=/var/lib/ejabberd erl_call -timeout 10 -sname ejabberd@e1server -e" in cmd
+    assert "-c " not in cmd  # the cookie is read from the ejabberd user's home, never given on the command line
+
+
+def test_erl_binary_writes_bytes_as_numbers_so_nothing_needs_escaping():
+    assert ejabberd.erl_binary("") == "<<>>"
+    assert ejabberd.erl_binary('a"\\>>') == "<<97,34,92,62,62>>"
+    assert ejabberd.erl_binary("é") == "<<195,169>>"
 
 
 def test_running_waits_for_the_node_and_shows_the_log_when_it_does_not_start(lab):
@@ -501,6 +520,13 @@ def test_running_waits_for_the_node_and_shows_the_log_when_it_does_not_start(lab
 # --- admin accounts ----------------------------------------------------------------------------
 
 ADMIN_PW = "gen-admin-pw-0123456789abcdef"
+ERL_CALL = r"erl_call -timeout 10 -sname ejabberd@e1server -e$"
+
+
+def accounts(*states: tuple[bool, bool]):
+    """erl_call's answer to the admin check: (registered, password as in the secrets) per admin."""
+    word = {True: "true", False: "false"}
+    return (ERL_CALL, Result("{ok, [%s]}" % ", ".join(f"{{{word[a]}, {word[b]}}}" for a, b in states)))
 
 
 def admins_inv(lab, admins):
@@ -514,15 +540,27 @@ def test_local_admins_are_the_accounts_of_the_domain(lab):
 
 
 def test_a_missing_admin_is_registered_with_its_generated_password_on_stdin(lab):
-    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW}, answers={"*": [RUNNING]})
+    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW}, answers={"*": [accounts((False, False))]})
     h = run.session("e1server")
     ejabberd._admins(h, ["admin"])
     assert h.changes == ['ejabberdctl register admin xmpp.lab.test "$(cat)"']
-    assert h.stdins == [(h.changes[0], ADMIN_PW)]
+    assert h.stdins[1] == (h.changes[0], ADMIN_PW)
     assert not any(ADMIN_PW in c for c in h.commands)
     assert ADMIN_PW not in run.output and ADMIN_PW not in run.report.log_path.read_text()
     assert h.reported("changed") == [f"registered admin admin@xmpp.lab.test (password: ejabberd_admin_admin in "
                                      f"{run.secrets.path})"]
+
+
+def test_the_admin_check_is_one_erl_call_with_the_passwords_on_stdin_as_numbers(lab):
+    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW, "ejabberd_admin_ops": 'p"w\\>>'},
+                       answers={"*": [accounts((True, True), (True, True))]})
+    h = run.session("e1server")
+    ejabberd._admins(h, ["admin", "ops"])
+    assert h.commands == [ejabberd.erl_call("e1server")] and h.changes == []
+    expr = h.stdins[0][1]
+    assert ADMIN_PW not in expr and ejabberd.erl_binary(ADMIN_PW) in expr and ejabberd.erl_binary('p"w\\>>') in expr
+    assert "ejabberd_auth:user_exists(U, S)" in expr and "ejabberd_auth:check_password(U, <<>>, S, P)" in expr
+    assert expr.startswith(f"S = {ejabberd.erl_binary('xmpp.lab.test')}, ") and expr.endswith("].\n")
 
 
 def test_a_new_admin_password_is_generated_into_the_secrets_file(lab, tmp_path):
@@ -531,29 +569,26 @@ def test_a_new_admin_password_is_generated_into_the_secrets_file(lab, tmp_path):
     from fabfile.core.secrets import Secrets
 
     path = tmp_path / "site.secrets.yml"
-    run = RecordingRun(lab, secrets=Secrets(path), answers={"*": [RUNNING]})
+    run = RecordingRun(lab, secrets=Secrets(path), answers={"*": [accounts((False, False))]})
     ejabberd._admins(run.session("e1server"), ["admin"])
     stored = yaml.safe_load(path.read_text())["ejabberd_admin_admin"]
     assert len(stored) >= 16 and stored.isalnum() and oct(path.stat().st_mode & 0o777) == "0o600"
-    assert run.session("e1server").stdins[0][1] == stored
-    again = RecordingRun(lab, secrets=Secrets(path), answers={"*": [RUNNING]})
+    assert run.session("e1server").stdins[1][1] == stored
+    again = RecordingRun(lab, secrets=Secrets(path), answers={"*": [accounts((False, False))]})
     ejabberd._admins(again.session("e1server"), ["admin"])
-    assert again.session("e1server").stdins[0][1] == stored
+    assert again.session("e1server").stdins[1][1] == stored
 
 
 def test_an_existing_admin_with_its_password_changes_nothing(lab):
-    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW}, answers={"*": [
-        RUNNING, REGISTERED, (r'^ejabberdctl check_password admin xmpp.lab.test "\$\(cat\)"$', Result())]})
+    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW}, answers={"*": [accounts((True, True))]})
     h = run.session("e1server")
     ejabberd._admins(h, ["admin"])
     assert h.changes == []
-    assert h.stdins == [('ejabberdctl check_password admin xmpp.lab.test "$(cat)"', ADMIN_PW)]
     assert h.reported("ok") == ["admin admin@xmpp.lab.test registered, password as in ejabberd_admin_admin"]
 
 
 def test_an_admin_whose_password_was_changed_is_reported_not_overwritten(lab):
-    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW}, answers={"*": [
-        RUNNING, REGISTERED, (r"^ejabberdctl check_password ", Result(exited=1))]})
+    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW}, answers={"*": [accounts((True, False))]})
     h = run.session("e1server")
     ejabberd._admins(h, ["admin"])
     assert h.changes == []
@@ -564,20 +599,21 @@ def test_an_admin_whose_password_was_changed_is_reported_not_overwritten(lab):
     assert ADMIN_PW not in run.output
 
 
-def test_a_failing_ejabberdctl_is_not_taken_for_a_missing_admin(lab):
-    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW}, answers={"*": [
-        (r"^ejabberdctl check_account ", Result(stderr="Failed RPC connection to the node ejabberd@e1server\n",
-                                                exited=3))]})
-    with pytest.raises(HostFailed, match="check_account admin xmpp.lab.test` exited 3: Failed RPC"):
-        ejabberd._admins(run.session("e1server"), ["admin"])
+@pytest.mark.parametrize("answer", [Result(exited=1), Result('{error, "*** syntax error"}'),
+                                    Result("{ok, {badrpc, nodedown}}"), Result("{ok, [{true, true}]}")])
+def test_a_failing_erl_call_is_not_taken_for_a_missing_admin(lab, answer):
+    # the last one answers for one admin of two
+    run = RecordingRun(lab, secrets={"ejabberd_admin_admin": ADMIN_PW}, answers={"*": [(ERL_CALL, answer)]})
+    with pytest.raises(HostFailed, match=r"reading the admin accounts in ejabberd@e1server \(erl_call\) failed"):
+        ejabberd._admins(run.session("e1server"), ["admin", "ops"])
     assert run.session("e1server").changes == []
 
 
 def test_admins_in_check_mode_on_a_fresh_site_say_what_would_be_registered(lab):
-    run = RecordingRun(lab, check=True, answers={"*": [(r"^ejabberdctl ", Result(stderr="not found", exited=127))]})
+    run = RecordingRun(lab, check=True, answers={"*": [(r"erl_call", Result(stderr="not found", exited=127))]})
     h = run.session("e1server")
     ejabberd._admins(h, ["admin", "ops"])
-    assert h.changes == [] and h.stdins == []
+    assert h.changes == [] and len(h.stdins) == 1  # the check's expression only
     assert h.reported("would change") == [
         f"would run: registered admin {u}@xmpp.lab.test (password: ejabberd_admin_{u} in {run.secrets.path})"
         for u in ("admin", "ops")]
@@ -585,10 +621,11 @@ def test_admins_in_check_mode_on_a_fresh_site_say_what_would_be_registered(lab):
 
 def test_admin_names_with_metacharacters_are_quoted(lab):
     # the inventory allows [a-z0-9._-] only; quoting does not depend on it
-    run = RecordingRun(lab, secrets={"ejabberd_admin_x;id": ADMIN_PW}, answers={"*": [RUNNING]})
+    run = RecordingRun(lab, secrets={"ejabberd_admin_x;id": ADMIN_PW}, answers={"*": [accounts((False, False))]})
     h = run.session("e1server")
     ejabberd._admins(h, ["x;id"])
     assert shlex.split(h.changes[0])[:4] == ["ejabberdctl", "register", "x;id", "xmpp.lab.test"]
+    assert ejabberd.erl_binary("x;id") in h.stdins[0][1] and "x;id" not in h.stdins[0][1]
 
 
 ADMIN_STEP = "ejabberd: admin accounts (xmpp.admins)"
