@@ -283,10 +283,11 @@ def _primary(h: HostSession) -> None:
     ensure_role(h, REPL_USER, h.run.secret(SECRET_REPL), "LOGIN REPLICATION")
     ensure_role(h, REWIND_USER, h.run.secret(SECRET_REWIND), "LOGIN")
     _rewind_grants(h)
-    exists = h.probe(psql_c(f"SELECT count(*) FROM pg_database WHERE datname = {pg_literal(DB)}")).stdout.strip()
-    if exists == "1":
-        owner = h.probe(psql_c(f"SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = {pg_literal(DB)}"))
-        if owner.stdout.strip() == DB_USER:
+    # the owner's name, an empty line for a database without a known owner, no line when it does not exist
+    owner = h.probe(psql_c(f"SELECT coalesce(pg_get_userbyid(datdba), '') FROM pg_database "
+                           f"WHERE datname = {pg_literal(DB)}")).stdout
+    if owner:
+        if owner.strip() == DB_USER:
             h.ok(f"database {DB} exists, owned by {DB_USER}")
         else:
             h.sh(psql_c(f"ALTER DATABASE {pg_ident(DB)} OWNER TO {pg_ident(DB_USER)}"),
@@ -300,27 +301,28 @@ def _primary(h: HostSession) -> None:
     else:
         h.sh(psql_c(f"ALTER SCHEMA public OWNER TO {pg_ident(DB_USER)}", DB),
              message=f"schema public of {DB}: owner {DB_USER}")
-    _stale_slots(h)
+    slots = _stale_slots(h)
     for replica in topology.pg_replicas(h.inv):
         slot = topology.slot_name(replica)
-        have = h.probe(psql_c(f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = {pg_literal(slot)}"))
-        if have.stdout.strip() == "1":
+        if slot in slots:
             h.ok(f"replication slot {slot} (for {replica})")
         else:
             h.sh(psql_c(f"SELECT pg_create_physical_replication_slot({pg_literal(slot)})"),
                  message=f"create physical replication slot {slot} for {replica}")
 
 
-def _stale_slots(h: HostSession) -> None:
+def _stale_slots(h: HostSession) -> set[str]:
     """A slot of ours (replica_*) whose host is no PostgreSQL host of the inventory any
     more (retired, replaced, taken out) keeps WAL on the primary forever: dropped once
-    no WAL sender uses it."""
+    no WAL sender uses it. Returns the slots of ours that stay."""
     ours = {topology.slot_name(n) for n in topology.pg_hosts(h.inv) if n != h.name}
     have = h.read(psql_c("SELECT slot_name || ' ' || active::text FROM pg_replication_slots "
                          "WHERE slot_name LIKE 'replica\\_%'")).split("\n")
+    kept: set[str] = set()
     for line in filter(None, (x.strip() for x in have)):
         slot, active = line.split(" ", 1)
         if slot in ours:
+            kept.add(slot)
             continue
         if active == "true":
             h.note(f"slot {slot} belongs to no PostgreSQL host of the inventory but a standby still uses it: "
@@ -328,6 +330,7 @@ def _stale_slots(h: HostSession) -> None:
             continue
         h.sh(psql_c(f"SELECT pg_drop_replication_slot({pg_literal(slot)})"),
              message=f"drop replication slot {slot}: its host is no PostgreSQL host of the inventory")
+    return kept
 
 
 def _rewind_grants(h: HostSession) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import os
 import re
 
@@ -116,21 +117,37 @@ def scram_matches(verifier: str | None, password: str) -> bool:
     return hmac.compare_digest(scram_verifier(password, salt=salt, iterations=int(m[1])), m[0])
 
 
+# Every role of the cluster, name -> [can log in, replication, stored password], as one JSON object.
+ROLES_QUERY = ("SELECT coalesce(json_object_agg(rolname, json_build_array(rolcanlogin, rolreplication, rolpassword)), "
+               "'{}') FROM pg_authid")
+
+
+def pg_roles(h) -> dict[str, list]:
+    """The roles on the host ``h`` (a HostSession), read in one query once per run (again
+    after ``ensure_role`` changed one); empty when PostgreSQL does not answer (yet)."""
+    def read() -> dict[str, list]:
+        r = h.probe(psql_c(ROLES_QUERY))
+        try:
+            roles = json.loads(r.stdout) if r.ok else {}
+        except ValueError:
+            return {}
+        return roles if isinstance(roles, dict) else {}
+    return h.memo("pg_roles", read)
+
+
 def ensure_role(h, name: str, password: str, attributes: str, label: str = "role") -> None:
     """A PostgreSQL role on the host ``h`` (a HostSession) with ``attributes`` (LOGIN,
     REPLICATION) and the SCRAM verifier of ``password``: created, or altered when its
     password or those attributes differ; left alone otherwise. The verifier is
     computed here: the clear password never reaches the server or its logs, and psql
     reads the statement from stdin, not from the command line."""
-    stored = h.probe(psql_c(f"SELECT rolpassword FROM pg_authid WHERE rolname = {pg_literal(name)}"))
-    row = h.probe(psql_c(f"SELECT count(*) FROM pg_roles WHERE rolname = {pg_literal(name)}")).stdout.strip()
-    verb = "ALTER" if row == "1" else "CREATE"
-    wanted_attrs = h.probe(psql_c(
-        f"SELECT rolcanlogin::text || rolreplication::text FROM pg_roles WHERE rolname = {pg_literal(name)}"))
-    want_flags = "true" + ("true" if "REPLICATION" in attributes else "false")
-    if verb == "ALTER" and scram_matches(stored.stdout, password) and wanted_attrs.stdout.strip() == want_flags:
+    have = pg_roles(h).get(name)
+    if (have is not None and have[:2] == [True, "REPLICATION" in attributes]
+            and scram_matches(have[2] if len(have) > 2 else None, password)):
         h.ok(f"{label} {name}: {attributes.lower()}, password is the site's (SCRAM)")
         return
+    verb = "ALTER" if have is not None else "CREATE"
     statement = f"{verb} ROLE {pg_ident(name)} WITH {attributes} PASSWORD {pg_literal(scram_verifier(password))};\n"
     h.sh(f"{psql()} -f -", stdin=statement,
          message=f"{verb.lower()} {label} {name} ({attributes.lower()}, SCRAM password from the site's secrets)")
+    h.forget("pg_roles")

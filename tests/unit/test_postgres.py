@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import json
 import shlex
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from fabfile import postgres
 from fabfile.core import Result, UserError, templates, topology
 from fabfile.core.errors import HostFailed
 from fabfile.core.inventory import load, parse
-from fabfile.core.sql import PSQL, psql_c, scram_matches, scram_verifier
+from fabfile.core.sql import PSQL, ROLES_QUERY, psql_c, scram_matches, scram_verifier
 from fabfile.core.testing import RecordingRun, files_present
 from tests.unit.shipped import INVENTORIES
 
@@ -434,18 +435,13 @@ def primary_facts(*, roles: dict[str, str], database: bool, slot: bool, grants: 
     rewind role on the four functions pg_rewind calls; ``other_slots``: more
     replica_* slots ("name active" rows) beside the replica's."""
     answers = {"SELECT pg_is_in_recovery()": "f\n"}
-    for name, attrs in (("ejabberd", "truefalse"), ("replicator", "truetrue"), ("rewind", "truefalse")):
-        answers[f"SELECT rolpassword FROM pg_authid WHERE rolname = '{name}'"] = roles.get(name, "")
-        answers[f"SELECT count(*) FROM pg_roles WHERE rolname = '{name}'"] = "1\n" if name in roles else "0\n"
-        answers[f"SELECT rolcanlogin::text || rolreplication::text FROM pg_roles WHERE rolname = '{name}'"] = (
-            attrs if name in roles else "")
+    flags = {"ejabberd": [True, False], "replicator": [True, True], "rewind": [True, False]}
+    answers[ROLES_QUERY] = json.dumps({name: flags[name] + [verifier] for name, verifier in roles.items()}) + "\n"
     answers[REWIND_GRANTS] = grants + "\n"
-    answers["SELECT count(*) FROM pg_database WHERE datname = 'ejabberd'"] = "1\n" if database else "0\n"
-    answers["SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'ejabberd'"] = "ejabberd\n"
+    answers["SELECT coalesce(pg_get_userbyid(datdba), '') FROM pg_database WHERE datname = 'ejabberd'"] = (
+        "ejabberd\n" if database else "")
     answers["SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'public'"] = (
         "ejabberd\n" if database else "pg_database_owner\n")
-    answers["SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'replica_psql2server'"] = (
-        "1\n" if slot else "0\n")
     answers[OUR_SLOTS] = ("replica_psql2server false\n" if slot else "") + other_slots
     return sql(answers)
 
@@ -493,7 +489,7 @@ def test_the_rewind_role_is_no_superuser_and_gets_exactly_the_functions_pg_rewin
     assert rewind[0].split(" PASSWORD ")[0] == 'CREATE ROLE "rewind" WITH LOGIN'
     # the grants are looked at (and made) once the role exists
     c = h.commands
-    assert c.index(psql_c("SELECT count(*) FROM pg_roles WHERE rolname = 'rewind'")) < c.index(psql_c(REWIND_GRANTS))
+    assert c.index(psql_c(ROLES_QUERY)) < c.index(psql_c(REWIND_GRANTS))
     assert "role rewind: EXECUTE on the functions pg_rewind calls" in h.reported("changed")
 
 
