@@ -394,8 +394,8 @@ def _probe_node(h: HostSession, state: dict) -> None:
              message="remove Debian's default corosync.conf (pcs cluster destroy)")
     state[h.name] = {
         "formed": ours,
-        "running": all(h.probe(f"systemctl is-active -q {u}").ok for u in ("corosync", "pacemaker")),
-        "enabled": all(h.probe(f"systemctl is-enabled -q {u}").ok for u in ("corosync", "pacemaker")),
+        "running": all(h.active(u) for u in ("corosync", "pacemaker")),
+        "enabled": all(h.enabled(u) for u in ("corosync", "pacemaker")),
     }
     h.ok(f"corosync: {'cluster ' + name if ours else 'not formed'}, "
          f"{'running' if state[h.name]['running'] else 'stopped'}, "
@@ -467,16 +467,15 @@ def _owned_units(h: HostSession, tree: Tree, actual: Actual) -> None:
         unit = q(p.unit)
         if p.id not in actual.primitives:
             # Not yet a resource: stop it everywhere so Pacemaker finds it inactive.
-            if (h.probe(f"systemctl is-enabled {unit}").stdout.strip() == "enabled"
-                    or h.probe(f"systemctl is-active -q {unit}").ok):
+            if h.enabled(p.unit) or h.active(p.unit):
                 h.sh(f"systemctl disable --now {unit}", message=f"{p.unit}: stopped and disabled (Pacemaker's now)")
             else:
                 h.ok(f"{p.unit}: stopped and disabled")
-        elif h.probe(f"systemctl is-enabled {unit}").stdout.strip() == "enabled":
+        elif h.enabled(p.unit):
             h.sh(f"systemctl disable {unit}", message=f"{p.unit}: disabled in systemd (Pacemaker owns it)")
         else:
             h.ok(f"{p.unit}: disabled in systemd, Pacemaker owns it")
-    if h.probe("systemctl is-enabled postfix").stdout.strip() == "enabled":  # the wrapper would start postfix@- at boot
+    if h.enabled("postfix"):  # the wrapper would start postfix@- at boot
         h.sh("systemctl disable postfix", message="postfix.service: disabled (Pacemaker owns postfix@-)")
 
 

@@ -92,17 +92,35 @@ def package_states(stdout: str) -> dict[str, bool]:
 PACKAGES_COMMAND = "dpkg-query -W -f='${Package} ${db:Status-Status}\\n'"
 
 
-def units_command(units: list[str], properties: tuple[str, ...]) -> str:
-    """One `systemctl show` of ``properties`` for every unit (a block each, in order)."""
-    return "systemctl show " + " ".join(f"-p {p}" for p in properties) + " " + " ".join(q(u) for u in units)
+CONDITIONS = "Conditions(now)"  # a unit's conditions evaluated now: "pass" or "fail"
+_CONDITIONS_MARK = "==hastack-conditions=="
+
+
+def units_command(units: list[str], properties: tuple[str, ...], conditions: list[str] = ()) -> str:
+    """One `systemctl show` of ``properties`` for every unit (a block each, in order);
+    then `systemd-analyze condition` of each unit of ``conditions`` (the units an
+    earlier run found skipped by their conditions), in the same round trip."""
+    cmd = "systemctl show " + " ".join(f"-p {p}" for p in properties) + " " + " ".join(q(u) for u in units)
+    if conditions:
+        cmd += (f"; echo {_CONDITIONS_MARK}; for u in {' '.join(q(u) for u in conditions)}; do "
+                "if systemd-analyze condition --unit=\"$u\" >/dev/null 2>&1; then echo \"$u pass\"; "
+                "else echo \"$u fail\"; fi; done")
+    return cmd
 
 
 def parse_units(units: list[str], stdout: str) -> dict[str, dict[str, str]] | None:
-    """The blocks of ``units_command`` by unit; None when they do not line up."""
-    blocks = [b for b in stdout.strip("\n").split("\n\n")]
+    """The blocks of ``units_command`` by unit (with CONDITIONS where they were
+    evaluated); None when they do not line up."""
+    shown, _, evaluated = stdout.partition(f"\n{_CONDITIONS_MARK}\n")
+    blocks = [b for b in shown.strip("\n").split("\n\n")]
     if len(blocks) != len(units):
         return None
-    return {u: dict(line.split("=", 1) for line in b.splitlines() if "=" in line) for u, b in zip(units, blocks)}
+    table = {u: dict(line.split("=", 1) for line in b.splitlines() if "=" in line) for u, b in zip(units, blocks)}
+    for line in evaluated.splitlines():
+        unit, _, result = line.rpartition(" ")
+        if unit in table and result in ("pass", "fail"):
+            table[unit][CONDITIONS] = result
+    return table
 
 
 UNIT_NAME = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@._:-\\"
@@ -110,7 +128,8 @@ UNIT_NAME = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@._:-
 
 class Known:
     """The paths and units each host's runs managed, kept in a JSON file beside the
-    inventory: {host: {"paths": [...], "units": [...]}}."""
+    inventory: {host: {"paths": [...], "units": [...], "skipped": [...]}} (skipped:
+    the units found skipped by their conditions, evaluated again with the table)."""
 
     def __init__(self, path: Path | None, *, persist: bool = True):
         self.path = path
@@ -129,12 +148,19 @@ class Known:
                         "paths": [p for p in entry.get("paths", []) if isinstance(p, str) and listable(p)],
                         "units": [u for u in entry.get("units", []) if isinstance(u, str) and unit_name(u)],
                     }
+                    skipped = [u for u in entry.get("skipped", []) if isinstance(u, str) and unit_name(u)]
+                    if skipped:
+                        self._old[host]["skipped"] = skipped
 
     def paths_of(self, host: str) -> list[str]:
         return list(self._old.get(host, {}).get("paths", []))
 
     def units_of(self, host: str) -> list[str]:
         return list(self._old.get(host, {}).get("units", []))
+
+    def skipped_of(self, host: str) -> list[str]:
+        """The units of ``host`` an earlier run found skipped by their conditions."""
+        return list(self._old.get(host, {}).get("skipped", []))
 
     def touched(self, host: str, path: str) -> None:
         if listable(path):
@@ -143,6 +169,11 @@ class Known:
     def touched_unit(self, host: str, unit: str) -> None:
         if unit_name(unit):
             self._touched.setdefault(host, {}).setdefault("units", set()).add(unit)
+
+    def skipped(self, host: str, unit: str) -> None:
+        """``unit`` is skipped by its conditions on ``host`` (evaluated in this run)."""
+        if unit_name(unit):
+            self._touched.setdefault(host, {}).setdefault("skipped", set()).add(unit)
 
     def seen(self, host: str, table: dict[str, FileFact]) -> None:
         self._existing[host] = {p for p, f in table.items() if f.exists}
@@ -154,10 +185,15 @@ class Known:
             return
         data = {h: {k: list(v) for k, v in e.items()} for h, e in self._old.items()}
         for host, touched in self._touched.items():
-            old = self._old.get(host, {"paths": [], "units": []})
+            old = {"paths": [], "units": [], "skipped": [], **self._old.get(host, {})}
             kept = self._existing.get(host, set(old["paths"]))
+            units = touched.get("units", set())
             data[host] = {"paths": sorted(touched.get("paths", set()) | (set(old["paths"]) & kept)),
-                          "units": sorted(touched.get("units", set()) | set(old["units"]))}
+                          "units": sorted(units | set(old["units"]))}
+            # a unit this run looked at is skipped only when this run found it so
+            skipped = touched.get("skipped", set()) | (set(old["skipped"]) - units)
+            if skipped:
+                data[host]["skipped"] = sorted(skipped)
         if data == self._old:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -223,9 +223,11 @@ class Run:
                 failures.append(f"{host}: {exc}")
 
         spinner = self.report.console.status(f"{title}…") if not self._chains else contextlib.nullcontext()
+        started = time.monotonic()
         with spinner:
             with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
                 list(pool.map(one, hosts))
+        self.report.log(f"-- {title}: {time.monotonic() - started:.2f}s")
         if failures:
             raise StepFailed(f"step '{title}' failed; later steps did not run:\n  " + "\n  ".join(failures))
 
@@ -278,6 +280,10 @@ class HostSession:
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
+
+    def forget(self, key) -> None:
+        """Drop a memoized fact of this host (it changed): the next ``memo`` reads it again."""
+        self._memo.pop(key, None)
 
     def tier_vars(self, fn: Callable[..., dict]) -> dict:
         """A tier's template variables for this host, ``fn(inv, host, secret)``, computed once per run."""
@@ -439,7 +445,7 @@ class HostSession:
             if guard:
                 self.sh(f"rm -f {POLICY_RC}", message=f"remove {POLICY_RC} (services may start again)")
         if not self.run.check:
-            self._memo.pop("packages", None)  # dependencies came with them: read the table again
+            self.forget("packages")  # dependencies came with them: read the table again
         return True
 
     def apt_update(self) -> Result:
@@ -454,7 +460,7 @@ class HostSession:
         state = self.unit_state(name)
         is_enabled = state.get("UnitFileState") == "enabled"
         is_active = state.get("ActiveState") in ("active", "reloading")
-        skipped = running and not is_active and self._skipped(u, state)
+        skipped = running and not is_active and self._skipped(name, state)
         if skipped:  # e.g. timesyncd in a container: the unit says it does not apply here
             running = False
         if enabled != is_enabled:
@@ -499,7 +505,8 @@ class HostSession:
                 units = self.run.known.units_of(self.name)
                 self._units = {}
                 if units:
-                    r = self.probe(facts.units_command(units, self.UNIT_PROPERTIES))
+                    skipped = [u for u in self.run.known.skipped_of(self.name) if u in units]
+                    r = self.probe(facts.units_command(units, self.UNIT_PROPERTIES, skipped))
                     self._units = (facts.parse_units(units, r.stdout) if r.ok else None) or {}
             if name in self._units:
                 return dict(self._units[name])
@@ -507,16 +514,30 @@ class HostSession:
         out = self.probe(f"systemctl show {props} {q(name)}").stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
+    def enabled(self, name: str) -> bool:
+        """Whether the unit is enabled (UnitFileState=enabled), from ``unit_state``."""
+        return self.unit_state(name).get("UnitFileState") == "enabled"
+
+    def active(self, name: str) -> bool:
+        """Whether the unit is active (or reloading), from ``unit_state``."""
+        return self.unit_state(name).get("ActiveState") in ("active", "reloading")
+
     def _skipped(self, unit: str, state: dict[str, str]) -> bool:
         """True when systemd skipped the unit's last start for its conditions
         (ConditionResult=no) and they still fail now: a unit skipped before its
         config existed (ConditionFileNotEmpty=...) is started again, a unit that
         does not apply here (ConditionVirtualization=!container) is left alone
         without trying it on every run. `systemd-analyze condition` evaluates
-        the unit's conditions without starting anything."""
+        the unit's conditions without starting anything: in the table's round
+        trip for a unit an earlier run found skipped, else in a probe of its own."""
         if state.get("ConditionResult") != "no" or state.get("ConditionTimestampMonotonic", "0") == "0":
             return False
-        return not self.probe(f"systemd-analyze condition --unit={unit} >/dev/null 2>&1").ok
+        now = state.get(facts.CONDITIONS)
+        if now is None:
+            now = "pass" if self.probe(f"systemd-analyze condition --unit={q(unit)} >/dev/null 2>&1").ok else "fail"
+        if now == "fail":
+            self.run.known.skipped(self.name, unit)
+        return now == "fail"
 
     # --- files --------------------------------------------------------------
 

@@ -179,3 +179,47 @@ def test_a_change_on_one_host_makes_every_host_probe_again(tmp_path):
     e2 = run.session("e2server")
     e2.put("A\n", "/etc/a.conf")
     assert e2.commands[0].startswith("stat -c '%U:%G:%a' /etc/a.conf")
+
+
+SKIPPED = ("LoadState=loaded\nUnitFileState=enabled\nActiveState=inactive\nConditionResult=no\n"
+           "ConditionTimestampMonotonic=123\n")
+
+
+def test_a_unit_skipped_by_its_conditions_is_evaluated_again_in_the_tables_round_trip(tmp_path):
+    """The first run evaluates timesyncd's conditions in a probe of their own and
+    remembers that they failed; the next run evaluates them again inside the
+    table's one command (no probe of their own) and still leaves the unit alone."""
+    table = tmp_path / "lab.paths.json"
+    table.write_text(json.dumps({"e1server": {"units": ["systemd-timesyncd"]}}))
+    first = TableRun(LAB, table, responder=lambda h, cmd, stdin: (
+        Result(SKIPPED) if cmd.startswith("systemctl show") else
+        Result(exited=1) if cmd.startswith("systemd-analyze condition") else None))
+    h = first.session("e1server")
+    h.service("systemd-timesyncd")
+    assert [c for c in h.commands if c.startswith("systemd-analyze")] == [
+        "systemd-analyze condition --unit=systemd-timesyncd >/dev/null 2>&1"]
+    assert h.changes == [] and h.reported("ok") == ["service systemd-timesyncd skipped by its unit conditions"]
+    first.close()
+    assert json.loads(table.read_text())["e1server"]["skipped"] == ["systemd-timesyncd"]
+
+    for result, changes in (("fail", []), ("pass", ["systemctl start systemd-timesyncd"])):
+        def answer(h, cmd, stdin, result=result):
+            if cmd.startswith("systemctl show"):
+                assert cmd == facts.units_command(["systemd-timesyncd"], h.UNIT_PROPERTIES, ["systemd-timesyncd"])
+                return Result(SKIPPED + "==hastack-conditions==\n" + f"systemd-timesyncd {result}\n")
+            return None
+        again = TableRun(LAB, table, responder=answer)
+        h = again.session("e1server")
+        h.service("systemd-timesyncd")
+        assert not [c for c in h.commands if c.startswith("systemd-analyze")]
+        assert h.changes == changes
+
+
+def test_the_conditions_part_of_the_units_command_runs_in_a_shell():
+    cmd = facts.units_command(["a.service"], ("ActiveState",), ["a.service", "b;id"])
+    assert "for u in a.service 'b;id'; do" in cmd
+    out = subprocess.run(["bash", "-c", cmd.replace("systemctl show", "echo", 1).replace(
+        "systemd-analyze condition", "test \"$u\" = a.service ||", 1)], capture_output=True, text=True).stdout
+    assert out.endswith("==hastack-conditions==\na.service pass\nb;id fail\n")
+    parsed = facts.parse_units(["a.service"], "ActiveState=inactive\n==hastack-conditions==\na.service fail\n")
+    assert parsed == {"a.service": {"ActiveState": "inactive", facts.CONDITIONS: "fail"}}
