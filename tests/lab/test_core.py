@@ -162,3 +162,26 @@ def test_standard_input_arrives_whole_and_ends(lab, clean):
     print(f"\n{len(text)} bytes on stdin over SSH: {time.monotonic() - started:.2f} s")
     assert got["r"].stdout.split()[0] == hashlib.sha256(text.encode()).hexdigest()
     assert cat(lab, "e1server") == text
+
+
+def test_a_command_gives_its_output_streams_and_status_whole_and_a_timeout_ends_it(lab):
+    """Commands run on a channel of the host's connection (core/remote.py
+    `channel_run`): megabytes on stdout and stderr at once arrive whole and apart,
+    with the exit status; a command past its timeout is cut off and says so; a
+    command killed by a signal has no exit status (-1)."""
+    run = new_run(lab.inventory, only="e1server")
+    h = run.session("e1server")
+    r = h.probe("head -c 3000000 /dev/zero | tr '\\0' o; seq 1 300000 >&2; exit 7")
+    assert (len(r.stdout), r.stdout.strip("o"), r.exited) == (3000000, "", 7)
+    assert r.stderr.splitlines() == [str(i) for i in range(1, 300001)]
+    started = time.monotonic()
+    r = h.probe("echo begun; sleep 30", timeout=2)
+    assert time.monotonic() - started < 5
+    assert r.exited == -1 and r.stdout == "begun\n" and "CommandTimedOut: no exit after 2 s" in r.stderr
+    assert h.probe("kill -9 $$").exited == -1
+    started = time.monotonic()
+    for _ in range(50):
+        assert h.probe("true").ok
+    each = (time.monotonic() - started) / 50
+    print(f"\na command's round trip: {each * 1000:.1f} ms")
+    run.close()
