@@ -48,7 +48,8 @@ from .addresses import check_domain, check_password, parse_address  # noqa: F401
 from .ops import add_alias, add_domain, add_mailbox, list_, set_password
 from .postfixadmin import (  # noqa: F401
     NO_PK_SQL, PFA_CLIENT_CNF, PFA_DIR, PK_TABLES, admin_sql, alias_goto_sql, alias_sql, client, db_host,
-    domain_exists, domain_sql, mailbox_hash, patch_upgrade, query, run_upgrade, schema_version,
+    domain_exists, domain_query, domain_sql, mailbox_hash, patch_upgrade, query, query_many, run_upgrade,
+    schema_version,
     setup_password_hash, write,
 )
 
@@ -231,36 +232,51 @@ def schema(h: HostSession) -> None:
         h.changed(f"would run: upgrade.php to schema version {target}")
     else:
         run_upgrade(h)
-    if not h.run.check:
-        bad = [row[0] for row in query(h, NO_PK_SQL)]
+    domain = h.inv.mail.domain
+    admin = f"admin@{domain}"
+    # What the steps below decide on, read in one round trip (a dry run on a new database has no tables to read)
+    pre = None if h.run.check and have is None else query_many(h, {
+        "nopk": NO_PK_SQL, "domain": domain_query(domain),
+        "admin": f"SELECT superadmin, active FROM admin WHERE username = {my_literal(admin)};",
+        "alias": alias_query(role_addresses(domain))})
+    if pre is not None and not h.run.check:
+        bad = [row[0] for row in pre["nopk"]]
         if bad:
             raise HostFailed(f"tables without a primary key (Galera refuses writes to them): {', '.join(bad)}")
-    ensure_domain(h, h.inv.mail.domain, description="the site's mail domain")
-    admin = f"admin@{h.inv.mail.domain}"
-    rows = query(h, f"SELECT superadmin, active FROM admin WHERE username = {my_literal(admin)};") \
-        if not (h.run.check and have is None) else []
+    ensure_domain(h, domain, description="the site's mail domain", exists=bool(pre["domain"]) if pre else None)
+    rows = pre["admin"] if pre else []
     if rows and rows[0] == ["1", "1"]:
         h.ok(f"superadmin {admin}")
     else:
         pw = mailbox_hash(h.run.secret(ADMIN_SECRET))
         write(h, admin_sql(admin, pw), f"superadmin {admin} (password: secret {ADMIN_SECRET})")
-    role_aliases(h, schema_missing=h.run.check and have is None)
+    role_aliases(h, schema_missing=pre is None, rows=pre["alias"] if pre else None)
 
 
-def role_aliases(h: HostSession, schema_missing: bool = False) -> None:
+def role_addresses(domain: str) -> list[str]:
+    return [f"{local}@{domain}" for local in ROLE_ALIASES]
+
+
+def alias_query(addresses: list[str]) -> str:
+    return ("SELECT address, goto, active FROM alias WHERE address IN ("
+            + ", ".join(my_literal(a) for a in addresses) + ");")
+
+
+def role_aliases(h: HostSession, schema_missing: bool = False, rows: list[list[str]] | None = None) -> None:
     """postmaster@ and abuse@ of the mail domain forward to mail.postmaster: added
     when missing, pointed there when they forward elsewhere; an address that is
-    a mailbox of its own is left alone. Without mail.postmaster: none, and a note."""
+    a mailbox of its own is left alone. Without mail.postmaster: none, and a note.
+    ``rows``: the aliases' rows when already read (else they are read here)."""
     domain = h.inv.mail.domain
     target = h.inv.mail.postmaster_address
-    addresses = [f"{local}@{domain}" for local in ROLE_ALIASES]
+    addresses = role_addresses(domain)
     if target is None:
         h.note(f"mail.postmaster is not set in the inventory: no aliases {' and '.join(addresses)} created "
                "(set it to the mailbox that reads them)")
         return
-    rows = {} if schema_missing else {row[0]: row[1:] for row in query(
-        h, "SELECT address, goto, active FROM alias WHERE address IN ("
-        + ", ".join(my_literal(a) for a in addresses) + ");")}
+    if rows is None:
+        rows = [] if schema_missing else query(h, alias_query(addresses))
+    rows = {row[0]: row[1:] for row in rows}
     sql, done = [], []
     for address in addresses:
         goto, active = (rows.get(address) or [None, None])[:2]
@@ -278,11 +294,12 @@ def role_aliases(h: HostSession, schema_missing: bool = False) -> None:
         write(h, "\n".join(sql), "alias " + ", ".join(done))
 
 
-def ensure_domain(h: HostSession, domain: str, description: str = "") -> bool:
-    if h.run.check and not h.probe(client(db_host(h)), stdin="SELECT 1 FROM domain LIMIT 0;").ok:
+def ensure_domain(h: HostSession, domain: str, description: str = "", exists: bool | None = None) -> bool:
+    """The domain in Postfixadmin's table; ``exists``: whether it is, when already read."""
+    if exists is None and h.run.check and not h.probe(client(db_host(h)), stdin="SELECT 1 FROM domain LIMIT 0;").ok:
         h.changed(f"would add domain {domain}")
         return True
-    if domain_exists(h, domain):
+    if exists if exists is not None else domain_exists(h, domain):
         h.ok(f"domain {domain}")
         return False
     write(h, domain_sql(domain, description), f"domain {domain} added")

@@ -161,12 +161,27 @@ def query(h: HostSession, sql: str) -> list[list[str]]:
     return [line.split("\t") for line in r.stdout.splitlines() if line]
 
 
+def query_many(h: HostSession, queries: dict[str, str]) -> dict[str, list[list[str]]]:
+    """Several SELECTs in one round trip: each row comes back under its query's name."""
+    sql = "\n".join(f"SELECT {my_literal(name)}, hastack_q.* FROM ({text.strip().rstrip(';')}) AS hastack_q;"
+                    for name, text in queries.items())
+    found: dict[str, list[list[str]]] = {name: [] for name in queries}
+    for row in query(h, sql):
+        if row[0] in found:
+            found[row[0]].append(row[1:])
+    return found
+
+
 def write(h: HostSession, sql: str, message: str) -> None:
     h.sh(client(db_host(h)), stdin="START TRANSACTION;\n" + sql + "\nCOMMIT;\n", message=message)
 
 
+def domain_query(domain: str) -> str:
+    return f"SELECT domain FROM domain WHERE domain = {my_literal(domain)};"
+
+
 def domain_exists(h: HostSession, domain: str) -> bool:
-    return bool(query(h, f"SELECT domain FROM domain WHERE domain = {my_literal(domain)};"))
+    return bool(query(h, domain_query(domain)))
 
 
 def schema_version(h: HostSession) -> tuple[int | None, int]:

@@ -409,15 +409,30 @@ def test_services_pacemaker_owns_are_only_reloaded_where_running():
 
 
 ALIASES_QUERY = "SELECT address, goto, active FROM alias WHERE address IN ('postmaster@lab.test', 'abuse@lab.test');"
+BATCHED = re.compile(r"SELECT '(\w+)', hastack_q\.\* FROM \((.*)\) AS hastack_q;")
+
+
+def answer_sql(table: dict[str, str]):
+    """A mysql client answering each query of ``table`` (its stdin -> its output), also
+    inside one of postfixadmin.query_many's batches (each row tagged with its query's name)."""
+    def answer(cmd, stdin):
+        batch = [BATCHED.fullmatch(line) for line in stdin.splitlines()]
+        if batch and all(batch):
+            return Result(stdout="".join(f"{m[1]}\t{row}\n" for m in batch
+                                         for row in table.get(m[2] + ";", "").splitlines()))
+        return Result(stdout=table.get(stdin, ""))
+    return answer
+
+
 SCHEMA_DONE = [
     (r"grep -o 'function upgrade_\[0-9\]\*'", Result(stdout="1844\n")),
     (r"-e 'SELECT 1'$", Result()),
-    (r"^mysql ", lambda cmd, stdin: Result(stdout={
+    (r"^mysql ", answer_sql({
         "SELECT value FROM config WHERE name = 'version';": "1844\n",
         "SELECT domain FROM domain WHERE domain = 'lab.test';": "lab.test\n",
         "SELECT superadmin, active FROM admin WHERE username = 'admin@lab.test';": "1\t1\n",
         ALIASES_QUERY: "postmaster@lab.test\tmailadmin@lab.test\t1\nabuse@lab.test\tmailadmin@lab.test\t1\n",
-    }.get(stdin, ""))),
+    })),
 ]
 
 
@@ -426,7 +441,19 @@ def test_schema_already_converged_runs_no_command():
     mail.schema(run.session("postfix01"))
     h = run.session("postfix01")
     assert h.changes == []
-    assert (DB, mail.NO_PK_SQL) in h.stdins  # checked every time
+    # checked every time, with the domain, the superadmin and the aliases: one round trip
+    reads = [stdin for cmd, stdin in h.stdins if cmd == DB and "hastack_q" in stdin]
+    assert len(reads) == 1 and mail.NO_PK_SQL.rstrip(";") in reads[0] and ALIASES_QUERY.rstrip(";") in reads[0]
+    assert len([c for c in h.commands if c == DB]) == 2  # the version, then the batch
+
+
+def test_a_table_without_a_primary_key_stops_the_schema_step():
+    done = dict(SCHEMA_DONE[:2])
+    run = recording({"postfix01": [*done.items(), (r"^mysql ", answer_sql({
+        "SELECT value FROM config WHERE name = 'version';": "1844\n", mail.NO_PK_SQL: "vacation_notification\n"}))]})
+    with pytest.raises(Exception, match="tables without a primary key .*: vacation_notification"):
+        mail.schema(run.session("postfix01"))
+    assert run.session("postfix01").changes == []
 
 
 def test_schema_on_a_new_database_runs_the_patched_upgrade_and_adds_domain_and_admin():
@@ -665,7 +692,7 @@ def _schema_run(aliases: str, inv=LAB) -> RecordingRun:
         ALIASES_QUERY: aliases,
     }
     run = RecordingRun(inv, answers={"*": [*answers.items(), UPLOAD, (
-        r"^mysql ", lambda cmd, stdin: Result(stdout=answers_db.get(stdin, "")))]})
+        r"^mysql ", answer_sql(answers_db))]})
     run.secrets.get = lambda name, *a: SECRET(name)
     mail.schema(run.session("postfix01"))
     return run
