@@ -574,8 +574,9 @@ class InventoryError(UserError):
         super().__init__("invalid inventory\n  " + "\n  ".join(lines))
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate mapping keys (YAML would keep the last)."""
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """A SafeLoader that refuses duplicate mapping keys (YAML would keep the last);
+    on libyaml's parser where PyYAML has it (ten times the pure-Python one)."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}

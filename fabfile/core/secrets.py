@@ -65,7 +65,8 @@ class Secrets:
                 f"run `chmod 600 {self.path}` and check who has seen it"
             )
         try:
-            data = yaml.safe_load(self.path.read_bytes().decode("utf-8")) or {}
+            data = yaml.load(self.path.read_bytes().decode("utf-8"),
+                             Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
         except OSError as exc:
             raise UserError(f"{self.path}: cannot read the secrets file ({exc.strerror or exc})") from None
         except UnicodeDecodeError:
