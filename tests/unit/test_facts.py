@@ -215,11 +215,30 @@ def test_a_unit_skipped_by_its_conditions_is_evaluated_again_in_the_tables_round
         assert h.changes == changes
 
 
-def test_the_conditions_part_of_the_units_command_runs_in_a_shell():
-    cmd = facts.units_command(["a.service"], ("ActiveState",), ["a.service", "b;id"])
-    assert "for u in a.service 'b;id'; do" in cmd
-    out = subprocess.run(["bash", "-c", cmd.replace("systemctl show", "echo", 1).replace(
-        "systemd-analyze condition", "test \"$u\" = a.service ||", 1)], capture_output=True, text=True).stdout
-    assert out.endswith("==hastack-conditions==\na.service pass\nb;id fail\n")
+def test_the_conditions_part_of_the_units_command_runs_in_a_shell(tmp_path):
+    """The command run by bash against stand-ins of systemctl and systemd-analyze: a
+    unit's Condition*= lines become the expressions evaluated; a unit without any
+    passes; a unit that resets a condition is evaluated with --unit=."""
+    units = {"a.service": "[Unit]\nConditionVirtualization=!container\n  ConditionPathExists=|/x y \n",
+             "plain.service": "[Unit]\nDescription=none\n", "b;id": "[Unit]\nConditionPathExists=\n"}
+    (tmp_path / "units.json").write_text(json.dumps(units))
+    (tmp_path / "systemctl").write_text(
+        "#!/usr/bin/env python3\nimport json, sys\n"
+        f"units = json.load(open({str(tmp_path / 'units.json')!r}))\n"
+        "if sys.argv[1] == 'show': print('ActiveState=inactive')\n"
+        "else: print('# /lib/systemd/system/' + sys.argv[3]); print(units[sys.argv[3]], end='')\n")
+    (tmp_path / "systemd-analyze").write_text(
+        "#!/usr/bin/env python3\nimport sys\n"
+        f"open({str(tmp_path / 'calls')!r}, 'a').write(repr(sys.argv[2:]) + '\\n')\n"
+        "sys.exit(1 if any('!container' in a or a == '--unit=b;id' for a in sys.argv[2:]) else 0)\n")
+    for tool in ("systemctl", "systemd-analyze"):
+        (tmp_path / tool).chmod(0o755)
+    cmd = facts.units_command(["a.service"], ("ActiveState",), ["a.service", "plain.service", "b;id"])
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True,
+                         env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}).stdout
+    assert out == ("ActiveState=inactive\n==hastack-conditions==\n"
+                   "a.service fail\nplain.service pass\nb;id fail\n")
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        repr(["ConditionVirtualization=!container", "ConditionPathExists=|/x y"]), repr(["--unit=b;id"])]
     parsed = facts.parse_units(["a.service"], "ActiveState=inactive\n==hastack-conditions==\na.service fail\n")
     assert parsed == {"a.service": {"ActiveState": "inactive", facts.CONDITIONS: "fail"}}
