@@ -6,9 +6,9 @@
     sudo .venv/bin/python scripts/bench_deploy.py --keep-disks # converge whatever the hosts have, then re-run
 
 Figures: wall time of the first deploy onto fresh hosts (packages come from
-the lab's apt-cacher-ng, so a warm package cache is part of the figure), of a
-second deploy (which must change nothing) and of a dry run (--check). Each line
-also gives the run's own recap counts. With --floor, each host's final package
+the lab's apt-cacher-ng, so a warm package cache is part of the figure), and the
+medians of --rounds re-runs (which must change nothing) and dry runs (--check),
+alternating. Each line also gives the run's own recap counts. With --floor, each host's final package
 set (`apt-mark showmanual` after the deploy) is then installed onto fresh hosts
 again with one parallel `apt-get install` per host: the part of a deploy no
 tool can skip; the first deploy's ratio to it is printed. Leaves the lab down
@@ -23,6 +23,7 @@ import contextlib
 import io
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -87,6 +88,8 @@ def main() -> int:
     ap.add_argument("--keep-disks", action="store_true", help="do not start from fresh host disks")
     ap.add_argument("--leave-up", action="store_true", help="leave the lab running at the end")
     ap.add_argument("--floor", action="store_true", help="also measure the package-install floor (fresh hosts)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="no-op and dry runs, alternating; their medians are printed (default 5)")
     args = ap.parse_args()
 
     lab.require_root("scripts/bench_deploy.py")
@@ -99,10 +102,18 @@ def main() -> int:
         lab.lab_up(inv)
 
     figures = [("first deploy" if not args.keep_disks else "deploy", deploy(inventory))]
-    figures.append(("second deploy (no-op)", deploy(inventory)))
-    figures.append(("dry run (--check)", deploy(inventory, "--check")))
+    runs: dict[str, list[tuple[float, str]]] = {"no-op": [], "check": []}
+    for _ in range(max(1, args.rounds)):  # alternating, so that a slow moment of the machine hits both
+        runs["no-op"].append(deploy(inventory))
+        runs["check"].append(deploy(inventory, "--check"))
+    for label, key in (("second deploy (no-op)", "no-op"), ("dry run (--check)", "check")):
+        times = [t for t, _ in runs[key]]
+        figures.append((label, (statistics.median(times), runs[key][-1][1])))
     for label, (seconds, counts) in figures:
         print(f"{label:<24} {seconds:7.1f} s   {counts}")
+    print(f"  (no-op and dry run: medians of {len(runs['no-op'])} runs each; no-op runs "
+          f"{', '.join(f'{t:.1f}' for t, _ in runs['no-op'])} s, dry runs "
+          f"{', '.join(f'{t:.1f}' for t, _ in runs['check'])} s)")
     if args.floor:
         sets = package_sets(inv)
         seconds = floor(inv, sets)
@@ -112,8 +123,7 @@ def main() -> int:
     if not args.leave_up:
         with contextlib.redirect_stdout(io.StringIO()):
             lab.lab_down(inv)
-    noop = figures[1][1][1]
-    if not re.search(r" 0 changed, 0 failed", noop):
+    if not all(re.search(r" 0 changed, 0 failed", counts) for _, counts in runs["no-op"]):
         print("the second deploy changed something: not idempotent")
         return 1
     return 0
