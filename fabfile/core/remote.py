@@ -48,6 +48,11 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 # that tiers use them without importing paramiko; they stay importable from here.
 __all__ = ["APT_UPDATE", "HostFailed", "HostSession", "Result", "Run"]
 
+# Hosts a step works on at once (and connects to at once). On the 2-CPU machine
+# the 64-host scale lab's no-op (scripts/bench_scale.py) took 8.6 s in waves of
+# 16 and 9.3 s with all 64 at once: past 16 the hosts only queue for the CPUs.
+PARALLEL = 16
+
 # While packages install under `HostSession.packages(..., no_start=True)`: no
 # service starts (invoke-rc.d asks this file; 101 = action forbidden).
 POLICY_RC = "/usr/sbin/policy-rc.d"
@@ -197,7 +202,7 @@ class Run:
         """Connect to every host at once; {host: why} for those that cannot be
         reached (a read-only task goes on with the others)."""
         hosts = list(hosts)
-        with ThreadPoolExecutor(max_workers=max(1, min(16, len(hosts)))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(PARALLEL, len(hosts)))) as pool:
             errors = dict(zip(hosts, pool.map(self._try_connect, hosts)))
         return {host: why for host, why in errors.items() if why}
 
@@ -254,7 +259,7 @@ class Run:
         spinner = self.report.console.status(f"{title}…") if not self._chains else contextlib.nullcontext()
         started = time.monotonic()
         with spinner:
-            with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
+            with ThreadPoolExecutor(max_workers=min(PARALLEL, len(hosts))) as pool:
                 list(pool.map(one, hosts))
         self.report.log(f"-- {title}: {time.monotonic() - started:.2f}s")
         if failures:
