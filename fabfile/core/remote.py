@@ -77,9 +77,12 @@ def channel_run(transport: paramiko.Transport, cmd: str, *, stdin: str | None = 
     channel = transport.open_session(timeout=30)
     try:
         channel.exec_command(cmd)
-        if stdin is not None:
-            channel.sendall(stdin.encode())
-        channel.shutdown_write()
+        try:
+            if stdin is not None:
+                channel.sendall(stdin.encode())
+            channel.shutdown_write()
+        except OSError:  # the command ended without reading its input: its output and status say why
+            pass
         while True:
             if channel.recv_ready():
                 out.append(channel.recv(65536))

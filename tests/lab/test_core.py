@@ -185,3 +185,15 @@ def test_a_command_gives_its_output_streams_and_status_whole_and_a_timeout_ends_
     each = (time.monotonic() - started) / 50
     print(f"\na command's round trip: {each * 1000:.1f} ms")
     run.close()
+
+
+def test_a_command_that_ends_without_reading_its_input_still_gives_its_output_and_status(lab):
+    """psql refused by a stopped server never reads the SQL on its stdin: the
+    channel may be closed before the input is written; the command's own words
+    and exit status come back, not an error about the socket."""
+    run = new_run(lab.inventory, only="e1server")
+    h = run.session("e1server")
+    for _ in range(20):
+        r = h.probe("echo 'no server' >&2; exit 2", stdin="SELECT 1;\n" * 1000)
+        assert (r.stderr, r.exited) == ("no server\n", 2)
+    run.close()
