@@ -2,8 +2,9 @@
 
 Order: the tiers every host gets (base -> firewall -> gateway -> pki), then the
 XMPP service and the mail cluster, each only when the inventory describes it,
-then monitoring (its exporters need the services and their accounts), then
-Bacula (its jobs back up hosts of both systems and the monitoring host). The
+then, side by side, monitoring (its exporters need the services and their
+accounts) and Bacula (its jobs back up hosts of both systems and the monitoring
+host's data, which need not exist yet when the jobs are configured). The
 WAL archive (walarchive) follows PostgreSQL in the XMPP chain.
 keepalived serves a VIP of each system: the XMPP chain ends with the xmpp VIP,
 the mail chain with the webmail VIP (after Roundcube, which its check watches).
@@ -89,7 +90,9 @@ def all(run):
             _chain(run, tiers)()
     else:
         run.side_by_side({name: _chain(run, tiers) for name, tiers in systems.items()})
-    _chain(run, MONITORING + BACKUP)()
+    # Both need the systems and neither needs the other: side by side (on the hosts they
+    # share, one apt at a time).
+    run.side_by_side({"monitoring": _chain(run, MONITORING), "backup": _chain(run, BACKUP)})
 
 
 @runbook

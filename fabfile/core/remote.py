@@ -310,6 +310,8 @@ class HostSession:
         self._memo: dict[Any, Any] = {}
         self._files: dict[str, facts.FileFact] | None = None  # the known paths, read at the first file operation
         self._units: dict[str, dict[str, str]] | None = None  # the known units, read at the first unit_state
+        # Two chains of steps side by side may both install on this host: one apt at a time.
+        self._apt = threading.Lock()
 
     def memo(self, key, compute: Callable[[], Any]) -> Any:
         """State of this host in this run, computed once (facts read from the host,
@@ -449,13 +451,16 @@ class HostSession:
         service may start while they install (a policy-rc.d that forbids it,
         removed afterwards; a policy-rc.d that is not ours is refused)."""
         names = sorted(set(names))
+        with self._apt:
+            return self._install(names, list(preseed), no_start)
+
+    def _install(self, names: list[str], preseed: list[str], no_start: bool) -> bool:
         table = self._package_table()
         installed = {n for n in names if table.get(n)}
         missing = [n for n in names if n not in installed]
         if not missing:
             self.ok(f"packages present: {' '.join(names)}")
             return False
-        preseed = list(preseed)
         if preseed:
             self.sh("debconf-set-selections", stdin="".join(line + "\n" for line in preseed),
                     message="debconf: " + "; ".join(preseed))
@@ -483,7 +488,8 @@ class HostSession:
 
     def apt_update(self) -> Result:
         """Refresh apt's package lists (after a repository was added), bounded and retried."""
-        return self.sh(APT_UPDATE, message="apt-get update")
+        with self._apt:
+            return self.sh(APT_UPDATE, message="apt-get update")
 
     def service(self, name: str, *, enabled: bool = True, running: bool = True,
                 restart: bool = False, reload: bool = False) -> None:

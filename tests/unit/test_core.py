@@ -162,3 +162,64 @@ def test_a_unit_skipped_for_its_conditions_is_started_only_when_they_pass_now(co
     assert h.changes == (["systemctl start unit1"] if started else [])
     if not started:
         assert h.reported("ok") == ["service unit1 skipped by its unit conditions"]
+
+
+def test_deploy_all_runs_monitoring_beside_backup_after_both_systems(monkeypatch):
+    """deploy.all: the common tiers, then the two systems side by side, then
+    monitoring and Bacula side by side (each waits for the other to have
+    started: they overlap), and nothing of them before the systems are done."""
+    from fabfile import deploy
+
+    both = threading.Barrier(2, timeout=5)
+    log: list[str] = []
+
+    class Tier:
+        def __init__(self, name, meet=False):
+            self.name, self.meet = name, meet
+
+        def converge(self, run):
+            log.append(f"{self.name} start")
+            if self.meet:
+                both.wait()
+            log.append(f"{self.name} end")
+
+    monkeypatch.setattr(deploy, "COMMON", [Tier("common")])
+    monkeypatch.setattr(deploy, "XMPP", [Tier("xmpp")])
+    monkeypatch.setattr(deploy, "MAIL", [Tier("mail")])
+    monkeypatch.setattr(deploy, "MONITORING", [Tier("monitoring", meet=True)])
+    monkeypatch.setattr(deploy, "BACKUP", [Tier("backup", meet=True)])
+    deploy.all.body.runbook(RecordingRun(LAB))
+    assert log[:2] == ["common start", "common end"]
+    systems_done = max(log.index("xmpp end"), log.index("mail end"))
+    assert min(log.index("monitoring start"), log.index("backup start")) > systems_done
+    assert {log.index("monitoring start"), log.index("backup start")} == {systems_done + 1, systems_done + 2}
+
+
+def test_two_chains_installing_on_one_host_take_turns():
+    """Monitoring and Bacula side by side share hosts: one apt at a time on each."""
+    import time
+
+    active: list[int] = []
+    peak = [0]
+    lock = threading.Lock()
+
+    def answer(h, cmd, stdin):
+        if "apt-get install" in cmd:
+            with lock:
+                active.append(1)
+                peak[0] = max(peak[0], len(active))
+            time.sleep(0.05)
+            with lock:
+                active.pop()
+            return Result()
+        return None
+
+    run = RecordingRun(LAB, responder=answer)
+    h = run.session("bk1server")
+    threads = [threading.Thread(target=h.packages, args=([name],))
+               for name in ("bacula-fd", "prometheus-node-exporter", "pgbackrest")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 1 and len([c for c in h.commands if "apt-get install" in c]) == 3
