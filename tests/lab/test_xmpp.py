@@ -132,7 +132,7 @@ def cluster_of(lab, host: str) -> set[str]:
 
 
 def wait_started(lab, host: str) -> None:
-    r = lab.run(host, retry_loop(ejabberd.STARTED, ejabberd.START_TIMEOUT), timeout=150)
+    r = lab.run(host, retry_loop(f"{ejabberd.STATUS} >/dev/null 2>&1", ejabberd.START_TIMEOUT), timeout=150)
     assert r.returncode == 0, f"ejabberd on {host} did not start: {r.stdout}{r.stderr}"
 
 
