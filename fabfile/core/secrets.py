@@ -26,7 +26,6 @@ _BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345
 
 
 @functools.lru_cache(maxsize=256)
-@functools.lru_cache(maxsize=64)  # bcrypt is slow on purpose: each host's template asks for the same hash
 def stable_bcrypt(password: str, purpose: str, rounds: int = 10) -> str:
     """A bcrypt hash ($2b$) of ``password`` whose salt is derived from the
     password and ``purpose``: the file it lands in renders the same on every run
