@@ -295,8 +295,7 @@ def configure_server(h: HostSession) -> None:
     h.wait_for("runuser -u postgres -- pg_isready -q", timeout=60, what="PostgreSQL on the backup host")
     h.packages(SERVER_PACKAGES, preseed=DEBCONF, no_start=True)
     catalog(h, v["catalog"]["password"])
-    groups = h.ensure("id -nG bacula | tr ' ' '\\n' | grep -qx ssl-cert", "usermod -aG ssl-cert bacula",
-                      "user bacula in group ssl-cert (the director and the storage daemon read the host key)")
+    groups = topology.key_reader(h, "bacula", "the director and the storage daemon read the host key")
     h.directory(h.inv.backup.volume_dir, owner="bacula", group="tape", mode="0750")
     h.directory(METRIC_DIR, owner="bacula", group="bacula", mode="0755")
     h.template(f"backup{SCRIPTS['metric']}.j2", SCRIPTS["metric"], v, mode="0755")

@@ -271,11 +271,7 @@ def _configure(h: HostSession) -> bool:
                           mode="0600", validate=running, check=lambda text: check_config(text, dom))
     changed |= h.template("ejabberd/var/lib/ejabberd/.erlang.cookie.j2", COOKIE, tvars, owner="ejabberd",
                           group="ejabberd", mode="0400")
-    if h.probe("id -nG ejabberd | tr ' ' '\\n' | grep -qx ssl-cert").ok:
-        h.ok("user ejabberd in group ssl-cert (reads its key)")
-    else:
-        h.sh("usermod -a -G ssl-cert ejabberd", message="user ejabberd joins group ssl-cert (reads its key)")
-        changed = True
+    changed |= topology.key_reader(h, "ejabberd", "ejabberd reads the host key")
     return changed
 
 

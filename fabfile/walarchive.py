@@ -64,6 +64,7 @@ TIMERS = {"full": "hastack-pgbackrest-backup-full", "diff": "hastack-pgbackrest-
 REPO_USER = "pgbackrest"
 LOG_DIR = "/var/log/pgbackrest"
 TLS_PORT = 8432
+PGBACKREST_TLS = "pgBackRest's TLS reads the host key"
 PG_DATA = f"/var/lib/postgresql/{topology.PG_VERSION}/main"
 PG_UNIT = f"postgresql@{topology.PG_VERSION}-main"
 TEXTFILE = "/var/lib/prometheus/node-exporter/hastack_backup_pgbackrest.prom"
@@ -172,12 +173,6 @@ def converge(run: Run) -> None:
     run.step("walarchive: the stanza and the first full backup", [bk], _stanza)
 
 
-def _in_ssl_cert(h: HostSession, user: str) -> None:
-    """``user`` may read the host key (root:ssl-cert 0640): pgBackRest's TLS runs as it."""
-    h.ensure(f"id -nG {user} | grep -qw ssl-cert", f"usermod -aG ssl-cert {user}",
-             f"user {user} in group ssl-cert (the host key)")
-
-
 def _config(h: HostSession, tvars: dict) -> bool:
     """The package, its configuration and its log folder; whether the configuration changed."""
     h.packages(PACKAGES)
@@ -202,7 +197,7 @@ def _repo_host(h: HostSession) -> None:
     h.ensure(f"id -u {REPO_USER} >/dev/null 2>&1",
              f"useradd --system --home-dir /var/lib/{REPO_USER} --create-home --shell /usr/sbin/nologin "
              f"--groups ssl-cert {REPO_USER}", f"user {REPO_USER} (group ssl-cert: the host key)")
-    _in_ssl_cert(h, REPO_USER)
+    topology.key_reader(h, REPO_USER, PGBACKREST_TLS)
     h.directory(tvars["repo_path"], owner=REPO_USER, group=REPO_USER, mode="0750")
     restart = _files(h, tvars)
     h.directory("/usr/local/lib/hastack", mode="0755")
@@ -222,7 +217,7 @@ def _repo_host(h: HostSession) -> None:
 
 def _pg_host(h: HostSession) -> None:
     tvars = h.tier_vars(template_vars)
-    _in_ssl_cert(h, "postgres")
+    topology.key_reader(h, "postgres", PGBACKREST_TLS)
     restart = _files(h, tvars)
     h.service(SERVER_UNIT, restart=restart and not h.run.check)
 
@@ -412,7 +407,7 @@ def restore(run, to, on=None, force=False):
     def restore_one(h: HostSession) -> None:
         tvars = template_vars(inv, host, run.secret)
         h.packages(["postgresql", "postgresql-client"] + PACKAGES)  # one install
-        _in_ssl_cert(h, "postgres")
+        topology.key_reader(h, "postgres", PGBACKREST_TLS)
         _config(h, tvars)  # a restore target is a client of the repository: no TLS server of its own
         h.sh(f"systemctl stop {PG_UNIT}; find {PG_DATA} -mindepth 1 -delete; "
              f"install -d -o postgres -g postgres -m 0700 {PG_DATA}", message=f"{PG_UNIT} stopped, {PG_DATA} emptied")

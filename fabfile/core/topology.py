@@ -26,6 +26,7 @@ GATEWAY, BACKUP, MONITORING, SPARE = "gateway", "backup", "monitoring", "spare"
 
 PKI_DIR = "/etc/ssl/hastack"
 CA_FILE = f"{PKI_DIR}/ca.crt"
+KEY_GROUP = "ssl-cert"  # the host key is root:ssl-cert 0640: its members may read it
 
 
 def cert_path(host: str) -> str:
@@ -50,6 +51,14 @@ def require_certificate(h) -> None:
         raise HostFailed(f"{crt} or its key is missing: run `inv pki.deploy --hosts {h.name}` first "
                          "(nothing was changed)")
     h.ok(f"certificate {crt}")
+
+
+def key_reader(h, user: str, why: str) -> bool:
+    """``user`` (a service's account) joins the group that may read the host key;
+    ``why`` says which daemon reads it. Returns changed (the service must restart
+    to get the group)."""
+    return h.ensure(f"id -nG {q(user)} | tr ' ' '\\n' | grep -qxF {KEY_GROUP}",
+                    f"usermod -a -G {KEY_GROUP} {q(user)}", f"user {user} in group {KEY_GROUP} ({why})")
 
 
 # --- PostgreSQL (XMPP service) --------------------------------------------------------------

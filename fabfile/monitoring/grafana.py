@@ -244,8 +244,7 @@ def converge(h: HostSession, v: dict) -> None:
     if changed:
         h.apt_update()
     h.packages(PACKAGES)
-    restart = h.ensure(f"id -nG {USER} | tr ' ' '\\n' | grep -qx ssl-cert", f"usermod -a -G ssl-cert {USER}",
-                       f"user {USER} in group ssl-cert (reads its key)")
+    restart = topology.key_reader(h, USER, "grafana-server reads the host key")
     for name, dest in TEMPLATES.items():
         restart |= h.template(name, dest, v, group=GROUP, mode="0640")
     _dashboards(h)

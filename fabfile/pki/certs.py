@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..core import HostFailed, UserError, q
-from ..core.topology import CA_FILE, PKI_DIR as DIR, cert_path, key_path, xmpp_service_hosts
+from ..core.topology import CA_FILE, KEY_GROUP, PKI_DIR as DIR, cert_path, key_path, xmpp_service_hosts
 
 if TYPE_CHECKING:
     from ..core import HostSession, Run
@@ -34,7 +34,7 @@ BACKDATE = dt.timedelta(hours=1)  # not_valid_before in the past: hosts' clocks 
 
 TRUST_FILE = "/usr/local/share/ca-certificates/hastack-ca.crt"
 TRUST_LINK = "/etc/ssl/certs/hastack-ca.pem"  # what update-ca-certificates makes of TRUST_FILE
-KEY_OWNER, KEY_GROUP, KEY_MODE = "root", "ssl-cert", "0640"
+KEY_OWNER, KEY_MODE = "root", "0640"
 PACKAGES = ["ca-certificates", "openssl", "ssl-cert"]
 GENKEY = "openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..core import topology
 from ..core.shell import APT_UPDATE
 
 if TYPE_CHECKING:
@@ -93,8 +94,7 @@ def install_packages(h: HostSession, flav: Flavour) -> None:
         # (gcomm://): no service may start while the packages install.
         h.packages(flav.packages, no_start=True)
         # mysqld reads the pki tier's host key (group ssl-cert) for pxc-encrypt-cluster-traffic.
-        h.ensure("id -nG mysql | grep -qw ssl-cert", "usermod -aG ssl-cert mysql",
-                 "mysql is in group ssl-cert (reads the host key for encrypted cluster traffic)")
+        topology.key_reader(h, "mysql", "mysqld reads the host key for encrypted cluster traffic")
     else:
         # Debian's MariaDB enables mariadb.socket, which holds 3306 and makes the
         # Galera start fail ("Address already in use" during wsrep recovery).

@@ -227,7 +227,7 @@ def test_converge_on_a_fresh_site_installs_creates_and_checks_before_replacing()
     assert any("CREATE ROLE \"bacula\" WITH LOGIN PASSWORD 'SCRAM-SHA-256$" in s for _, s in bk.stdins)
     assert any("ENCODING 'SQL_ASCII'" in s and "TEMPLATE template0" in s for _, s in bk.stdins)
     assert any(backup.MAKE_TABLES in c and "--single-transaction" in c for c in bk.changes)
-    assert "usermod -aG ssl-cert bacula" in bk.changes
+    assert "usermod -a -G ssl-cert bacula" in bk.changes
     checks = [c for c in bk.commands if " -t -c " in c]
     assert any(c.startswith("runuser -u bacula -- /usr/sbin/bacula-dir -t -c /etc/bacula/bacula-dir.conf.hastack-new")
                for c in checks)

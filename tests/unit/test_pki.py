@@ -558,3 +558,34 @@ def test_collection_tasks_are_documented():
         assert t.__doc__ and t.__doc__.strip(), name
         for arg in t.get_arguments():
             assert arg.help, f"{name} --{arg.name}"
+
+
+@pytest.mark.parametrize("groups, member", [("pgbackrest ssl-cert", True), ("pgbackrest ssl-cert-old", False),
+                                            ("ssl-cert-old ssl", False), ("pgbackrest", False)])
+def test_key_reader_probe_is_a_full_match_on_the_group(groups, member):
+    """The membership probe, run by bash on `id`'s output: a group such as
+    `ssl-cert-old` is not ssl-cert (`grep -w` took it for one)."""
+    from fabfile.core import topology
+
+    run = RecordingRun(load(LAB))
+    h = run.session("bk1server")
+    topology.key_reader(h, "pgbackrest", "pgBackRest reads the host key")
+    probe = h.commands[0]
+    assert probe.startswith("id -nG pgbackrest | ")
+    shell = subprocess.run(["bash", "-c", probe.replace("id -nG pgbackrest", f"echo {groups}", 1)])
+    assert (shell.returncode == 0) is member
+
+
+def test_key_reader_quotes_the_user_and_leaves_a_member_alone():
+    from fabfile.core import topology
+
+    run = RecordingRun(load(LAB))
+    h = run.session("bk1server")
+    assert topology.key_reader(h, "x;id", "a daemon reads the host key") is True
+    assert h.commands[0].startswith("id -nG 'x;id' | ")
+    assert h.changes == ["usermod -a -G ssl-cert 'x;id'"]
+
+    run = RecordingRun(load(LAB), answers={"*": [(r"^id -nG bacula \| ", Result())]})
+    h = run.session("bk1server")
+    assert topology.key_reader(h, "bacula", "the director reads the host key") is False
+    assert h.changes == []

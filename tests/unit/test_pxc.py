@@ -437,7 +437,7 @@ def test_percona_install_sequence():
         re.compile(rf"printf %s .* > {POLICY_RC} && chmod 0755 {POLICY_RC}$", re.S),
         re.compile(r"DEBIAN_FRONTEND=noninteractive apt-get install .* percona-xtradb-cluster rsync socat \|\| "),
         f"rm -f {POLICY_RC}",
-        "usermod -aG ssl-cert mysql",
+        "usermod -a -G ssl-cert mysql",
         "systemctl daemon-reload",  # the mysql.service drop-in
         "systemctl enable mysql",  # enabled, not started: the formation steps start it
         "systemctl daemon-reload",  # the galera-check units
@@ -499,7 +499,7 @@ def installed(inv, host, secret) -> list:
         (r"^test -e /etc/apt/sources.list.d/percona-pxc-80-release.list$", Result()),
         (r"^! systemctl is-enabled -q mariadb.socket", Result()),
         (r"^dpkg-query -W -f='\$\{Package\} ", Result("".join(f"{p} installed\n" for p in flav.packages))),
-        (r"^id -nG mysql \| grep -qw ssl-cert$", Result()),
+        (r"^id -nG mysql \| tr .* \| grep -qxF ssl-cert$", Result()),
         (r"^stat -c '%U:%G:%a' (\S+) && sha256sum", stat),
         (rf"^systemctl is-enabled -q {flav.service}$", Result()),
         (r"^systemctl is-enabled galera-check.socket$", Result("enabled\n")),
