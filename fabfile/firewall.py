@@ -246,14 +246,27 @@ def apply_rules(h: HostSession) -> None:
     h.directory("/etc/iptables")
     h.put(v4, RULES_V4, mode="0640", validate="iptables-restore --test {}")
     h.put(v6, RULES_V6, mode="0640", validate="ip6tables-restore --test {}")
-    _load(h, "iptables", RULES_V4, v4)
-    _load(h, "ip6tables", RULES_V6, v6)
+    live = _live_tables(h)
+    _load(h, "iptables", RULES_V4, v4, live.get("iptables"))
+    _load(h, "ip6tables", RULES_V6, v6, live.get("ip6tables"))
     h.service("netfilter-persistent")
 
 
-def _load(h: HostSession, tool: str, path: str, text: str) -> None:
-    live = h.probe(f"{tool}-save -t filter")
-    if live.ok and canonical(live.stdout) == canonical(text):
+_TABLES_MARK = "==hastack-ip6tables=="
+LIVE_TABLES = f"iptables-save -t filter && echo {_TABLES_MARK} && ip6tables-save -t filter"
+
+
+def _live_tables(h: HostSession) -> dict[str, str]:
+    """Both live filter tables in one round trip; a table that could not be read is absent."""
+    r = h.probe(LIVE_TABLES)
+    if not r.ok:
+        return {}
+    v4, mark, v6 = r.stdout.partition(f"{_TABLES_MARK}\n")
+    return {"iptables": v4, "ip6tables": v6} if mark else {}
+
+
+def _load(h: HostSession, tool: str, path: str, text: str, live: str | None) -> None:
+    if live is not None and canonical(live) == canonical(text):
         h.ok(f"live {tool} filter table matches {path}")
         return
     h.sh(f"{tool}-restore {q(path)}", message=f"load {path} ({tool}-restore: one atomic swap of the filter table)")

@@ -13,6 +13,13 @@ brought up count by count (the smallest first) and converged once; each count
 is measured on its first N hosts (`--hosts`), the median of --rounds whole `inv`
 processes, and the ratio to the smallest count is printed. Leaves the generated
 lab down (with its disks) unless --leave-up.
+
+Beside each figure: the SSH floor (a process that loads the inventory, connects
+to each of the N hosts in steps of the same width and runs `true`: what any
+SSH tool pays per host and process), and how busy the machine's CPUs were
+(benchcpu.py). On a machine where the N hosts share the CPUs with the tool,
+the hosts' own work (sshd, the checks' commands) grows with N: when the CPUs
+are all busy, the growth is CPU, not waiting.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchcpu import MachineCpu  # noqa: E402
 from fabfile import lab  # noqa: E402
 from fabfile.core.inventory import load  # noqa: E402
 from fabfile.core.tasks import PROJECT_ROOT  # noqa: E402
@@ -78,6 +86,27 @@ def timed(inventory: Path, task: str, hosts: str | None) -> float:
     return seconds
 
 
+# One process: the inventory, a connection to each host (steps as wide as the tool's),
+# `true` on each. The same start-up and SSH cost as `inv`, with no check in it.
+SSH_FLOOR = """
+import sys
+from fabfile.core.inventory import load
+from fabfile.core.remote import Run
+run = Run(load(sys.argv[1]), title="ssh floor", only=sys.argv[2] if len(sys.argv) > 2 else None)
+run.step("ssh: true", run.hosts(), lambda h: h.probe("true"))
+run.close()
+"""
+
+
+def ssh_floor(inventory: Path, hosts: str | None) -> float:
+    cmd = [str(PROJECT_ROOT / ".venv/bin/python"), "-c", SSH_FLOOR, str(inventory), *([hosts] if hosts else [])]
+    start = time.monotonic()
+    out = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"the SSH floor failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return time.monotonic() - start
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts-count", default="16,64", help="comma-separated host counts (at most 200)")
@@ -101,6 +130,7 @@ def main() -> int:
     env = {**os.environ, "INVOKE_INVENTORY": str(inventory)}
     print(f"scale: {counts[-1]} generated hosts ({inventory}); {os.cpu_count()} CPUs on this machine", flush=True)
     medians: dict[int, float] = {}
+    floor_medians: dict[int, float] = {}
     try:
         for count in counts:  # the smallest first; each count adds hosts to the ones already up
             up = names[:count]
@@ -116,14 +146,21 @@ def main() -> int:
                 if out.returncode != 0:
                     sys.exit(f"inv {task} failed:\n{out.stdout[-3000:]}\n{out.stderr[-2000:]}")
                 print(f"    converge {task}: {time.monotonic() - start:.1f} s", flush=True)
-            rounds = [sum(timed(inventory, task, only) for task in TASKS) for _ in range(args.rounds)]
+            rounds, floors = [], []
+            with MachineCpu() as cpu:
+                for _ in range(args.rounds):  # alternating, so that a slow moment hits both
+                    rounds.append(sum(timed(inventory, task, only) for task in TASKS))
+                    floors.append(sum(ssh_floor(inventory, only) for _ in TASKS))
             medians[count] = statistics.median(rounds)
+            floor_medians[count] = statistics.median(floors)
             print(f"  {count:4d} hosts: {medians[count]:6.2f} s  ({' + '.join(TASKS)}, no-op; runs "
-                  f"{', '.join(f'{r:.2f}' for r in rounds)})", flush=True)
+                  f"{', '.join(f'{r:.2f}' for r in rounds)}); SSH floor {floor_medians[count]:.2f} s "
+                  f"(two processes connecting and running `true`); {cpu}", flush=True)
         low = counts[0]
         for count in counts[1:]:
             print(f"  {count} hosts / {low} hosts: {medians[count] / medians[low]:.2f}x "
-                  f"for {count / low:g}x the hosts")
+                  f"for {count / low:g}x the hosts (the SSH floor alone: "
+                  f"{floor_medians[count] / floor_medians[low]:.2f}x)")
     finally:
         if not args.leave_up:
             with contextlib.redirect_stdout(io.StringIO()):

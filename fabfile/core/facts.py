@@ -102,8 +102,13 @@ def units_command(units: list[str], properties: tuple[str, ...], conditions: lis
     earlier run found skipped by their conditions), in the same round trip."""
     cmd = "systemctl show " + " ".join(f"-p {p}" for p in properties) + " " + " ".join(q(u) for u in units)
     if conditions:
-        cmd += f"; echo {_CONDITIONS_MARK}; for u in {' '.join(q(u) for u in conditions)}; do {_EVALUATE}; done"
+        cmd += f"; echo {_CONDITIONS_MARK}; {conditions_command(conditions)}"
     return cmd
+
+
+def conditions_command(units: list[str]) -> str:
+    """`systemd-analyze condition` of each unit's conditions: a line "UNIT pass" or "UNIT fail" each."""
+    return f"for u in {' '.join(q(u) for u in units)}; do {_EVALUATE}; done"
 
 
 # The unit's Condition*= lines (unit file and drop-ins, from `systemctl cat`) given to

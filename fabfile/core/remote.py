@@ -545,7 +545,11 @@ class HostSession:
                 self._units = {}
                 if units:
                     skipped = [u for u in self.run.known.skipped_of(self.name) if u in units]
-                    r = self.probe(facts.units_command(units, self.UNIT_PROPERTIES, skipped))
+                    # their conditions are evaluated (systemd-analyze, the costly part) in
+                    # the table's round trip when the first question is about one of them;
+                    # a run that never asks about them does not pay for it
+                    evaluate = skipped if name in skipped else []
+                    r = self.probe(facts.units_command(units, self.UNIT_PROPERTIES, evaluate))
                     self._units = (facts.parse_units(units, r.stdout) if r.ok else None) or {}
             if name in self._units:
                 return dict(self._units[name])
@@ -573,7 +577,7 @@ class HostSession:
             return False
         now = state.get(facts.CONDITIONS)
         if now is None:
-            now = "pass" if self.probe(f"systemd-analyze condition --unit={q(unit)} >/dev/null 2>&1").ok else "fail"
+            now = "pass" if self.probe(facts.conditions_command([unit])).stdout.split() == [unit, "pass"] else "fail"
         if now == "fail":
             self.run.known.skipped(self.name, unit)
         return now == "fail"
