@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import paramiko
@@ -350,7 +351,7 @@ class HostSession:
         # Host keys are checked against the inventory's own known_hosts only:
         # an unknown or changed key is an error, never silently accepted.
         conn.client = paramiko.SSHClient()
-        conn.client.load_host_keys(str(known_hosts))
+        self._trust_host_keys(conn.client, known_hosts, ssh.port)
         conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
         where = f"{self.name} ({self.address}:{ssh.port})"
         try:
@@ -370,6 +371,16 @@ class HostSession:
         conn.client.get_transport().sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._conn = conn
         return conn
+
+    def _trust_host_keys(self, client: paramiko.SSHClient, known_hosts: Path, port: int) -> None:
+        """This host's entries of the inventory's known_hosts, which is parsed once per
+        run (each connection parsing every host's key made a run's cost grow with the
+        square of the hosts)."""
+        every = self.run.memo(("known_hosts", str(known_hosts)), lambda: paramiko.HostKeys(str(known_hosts)))
+        mine = client.get_host_keys()
+        for name in (self.address, f"[{self.address}]:{port}"):
+            for keytype, key in (every.lookup(name) or {}).items():
+                mine.add(name, keytype, key)
 
     @property
     def conn(self) -> Connection:
