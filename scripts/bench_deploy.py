@@ -11,8 +11,11 @@ medians of --rounds re-runs (which must change nothing) and dry runs (--check),
 alternating. Each line also gives the run's own recap counts. With --floor, each host's final package
 set (`apt-mark showmanual` after the deploy) is then installed onto fresh hosts
 again with one parallel `apt-get install` per host: the part of a deploy no
-tool can skip; the first deploy's ratio to it is printed. Leaves the lab down
-unless --leave-up.
+tool can skip; the first deploy's ratio to it is printed. For the first deploy
+and the floor, the CPU time the whole machine spent (the lab's hosts share its
+CPUs) and how busy it was every 10 s are printed too (benchcpu.py): on a machine
+whose CPUs are busy throughout, the ratio of the CPU times bounds the ratio of
+the wall times. Leaves the lab down unless --leave-up.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchcpu import MachineCpu  # noqa: E402
 from fabfile import lab  # noqa: E402
 from fabfile.core.inventory import load  # noqa: E402
 from fabfile.core.shell import APT_UPDATE  # noqa: E402
@@ -61,7 +65,7 @@ def package_sets(inv) -> dict[str, list[str]]:
         return dict(pool.map(one, inv.hosts))
 
 
-def floor(inv, sets: dict[str, list[str]]) -> float:
+def floor(inv, sets: dict[str, list[str]]) -> tuple[float, MachineCpu]:
     """Fresh hosts, then every host's package set at once (one apt-get install per host, in parallel)."""
     with contextlib.redirect_stdout(io.StringIO()):
         lab.lab_down(inv, disks=True)
@@ -74,12 +78,12 @@ def floor(inv, sets: dict[str, list[str]]) -> float:
         cmd = [*lab.ssh_command(inv, host, batch=True), f"{install} || ({APT_UPDATE} && {install})"]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=3600).returncode
     start = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(len(inv.hosts)) as pool:
+    with MachineCpu(every=10) as cpu, concurrent.futures.ThreadPoolExecutor(len(inv.hosts)) as pool:
         codes = list(pool.map(one, inv.hosts))
     seconds = time.monotonic() - start
     if any(codes):
         sys.exit(f"the floor's apt-get install failed on {sum(1 for c in codes if c)} hosts")
-    return seconds
+    return seconds, cpu
 
 
 def main() -> int:
@@ -101,7 +105,8 @@ def main() -> int:
             lab.lab_down(inv, disks=True)
         lab.lab_up(inv)
 
-    figures = [("first deploy" if not args.keep_disks else "deploy", deploy(inventory))]
+    with MachineCpu(every=10) as first_cpu:
+        figures = [("first deploy" if not args.keep_disks else "deploy", deploy(inventory))]
     runs: dict[str, list[tuple[float, str]]] = {"no-op": [], "check": []}
     for _ in range(max(1, args.rounds)):  # alternating, so that a slow moment of the machine hits both
         runs["no-op"].append(deploy(inventory))
@@ -111,14 +116,17 @@ def main() -> int:
         figures.append((label, (statistics.median(times), runs[key][-1][1])))
     for label, (seconds, counts) in figures:
         print(f"{label:<24} {seconds:7.1f} s   {counts}")
+    print(f"  ({figures[0][0]}: {first_cpu}; busy every 10 s, in tenths: {first_cpu.timeline_text()})")
     print(f"  (no-op and dry run: medians of {len(runs['no-op'])} runs each; no-op runs "
           f"{', '.join(f'{t:.1f}' for t, _ in runs['no-op'])} s, dry runs "
           f"{', '.join(f'{t:.1f}' for t, _ in runs['check'])} s)")
     if args.floor:
         sets = package_sets(inv)
-        seconds = floor(inv, sets)
+        seconds, floor_cpu = floor(inv, sets)
         print(f"{'package floor':<24} {seconds:7.1f} s   {sum(map(len, sets.values()))} packages on {len(sets)} hosts"
               f"; first deploy = {figures[0][1][0] / seconds:.2f}x the floor")
+        print(f"  (the floor: {floor_cpu}; busy every 10 s: {floor_cpu.timeline_text()}; "
+              f"the first deploy took {first_cpu.busy / floor_cpu.busy:.2f}x its CPU time)")
 
     if not args.leave_up:
         with contextlib.redirect_stdout(io.StringIO()):
