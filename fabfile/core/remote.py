@@ -265,7 +265,7 @@ class Run:
         with spinner:
             with ThreadPoolExecutor(max_workers=min(PARALLEL, len(hosts))) as pool:
                 list(pool.map(one, hosts))
-        self.report.log(f"-- {title}: {time.monotonic() - started:.2f}s")
+        self.report.log(f"-- {title}: {time.monotonic() - started:.2f}s (at +{self.report.elapsed():.1f}s)")
         if failures:
             raise StepFailed(f"step '{title}' failed; later steps did not run:\n  " + "\n  ".join(failures))
 

@@ -58,7 +58,11 @@ class Report:
     def step(self, title: str, hosts: list[str]) -> None:
         if not self.quiet:
             self.console.print(f"[bold]== {title}[/] [dim]({', '.join(hosts)})[/]")
-        self.log(f"== {title} on {', '.join(hosts)}")
+        # the run's clock in the log: which steps overlapped, where a long run waited
+        self.log(f"== {title} on {', '.join(hosts)} (at +{self.elapsed():.1f}s)")
+
+    def elapsed(self) -> float:
+        return (dt.datetime.now() - self.started).total_seconds()
 
     def result(self, host: str, status: str, message: str) -> None:
         message = self._mask(message)

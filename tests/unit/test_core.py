@@ -223,3 +223,15 @@ def test_two_chains_installing_on_one_host_take_turns():
     for t in threads:
         t.join()
     assert peak[0] == 1 and len([c for c in h.commands if "apt-get install" in c]) == 3
+
+
+def test_the_run_log_gives_each_step_its_start_and_its_duration_on_the_runs_clock():
+    """`== step on hosts (at +N s)` when a step starts, `-- step: N s (at +N s)` when it
+    ends: which steps overlapped and where a long run waited, read from the log."""
+    import re
+
+    run = RecordingRun(load(Path(__file__).resolve().parents[2] / "inventory/lab.yml"))
+    run.step("one: probe", ["e1server", "e2server"], lambda h: h.probe("true"))
+    text = run.report.log_path.read_text()
+    assert re.search(r"^== one: probe on e1server, e2server \(at \+\d+\.\ds\)$", text, re.M)
+    assert re.search(r"^-- one: probe: \d+\.\d\ds \(at \+\d+\.\ds\)$", text, re.M)

@@ -762,6 +762,8 @@ def stubs(tmp_path):
     stub(bin_dir, "psql", '\n'.join([
         'echo "$*" >> "$STUB/psql.log"',
         'case "$*" in',
+        '  *pg_is_in_recovery*pg_stat_replication*) r=$(cat "$STUB/recovery"); '
+        '[ -n "$r" ] && echo "$r|$(cat "$STUB/streaming")"; exit 0;;',
         '  *pg_is_in_recovery*) cat "$STUB/recovery"; exit 0;;',
         '  *pg_stat_replication*) cat "$STUB/streaming"; exit 0;;',
         'esac',
