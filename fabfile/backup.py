@@ -273,6 +273,29 @@ def converge(run: Run) -> None:
     run.step("backup: catalog, storage daemon and director", server, configure_server)
 
 
+def install(run: Run, among: set[str] | None = None) -> None:
+    """Only the packages of the file daemons and the backup host, no daemon started
+    (nothing here needs the systems), on the selected hosts ``among`` these:
+    `deploy.all` runs this beside them; converge() finds them installed then."""
+    inv = run.inv
+    bk = topology.backup_host(inv)
+    if bk is None or not inv.backup_jobs:
+        return
+    selected = [h for h in run.hosts() if among is None or h in among]
+    fds = [c for c in topology.backup_clients(inv) if c in selected]
+    server = [bk] if bk in selected else []
+    run.step("backup: packages", [h for h in inv.hosts if h in set(fds + server)],
+             lambda h: _packages(h, client=h.name in fds, server=h.name in server))
+
+
+def _packages(h: HostSession, *, client: bool, server: bool) -> None:
+    if client:
+        h.packages(CLIENT_PACKAGES, no_start=True)
+    if server:
+        h.packages(PG_PACKAGES)
+        h.packages(SERVER_PACKAGES, preseed=DEBCONF, no_start=True)
+
+
 def _client_jobs(inv: Inventory, host: str) -> dict[str, BackupJob]:
     return {n: j for n, j in inv.backup_jobs.items() if j.client == host}
 

@@ -9,7 +9,12 @@ WAL archive (walarchive) follows PostgreSQL in the XMPP chain.
 keepalived serves a VIP of each system: the XMPP chain ends with the xmpp VIP,
 the mail chain with the webmail VIP (after Roundcube, which its check watches).
 The two systems run side by side when no host belongs to both (each still in
-its own order); a failure in one stops the other before its next step. Each
+its own order); a failure in one stops the other before its next step. Beside
+them a third chain installs the packages of the tiers that come last on their
+hosts (webmail, monitoring, Bacula: `install(run)`, which needs nothing of the
+systems; on a host two chains install onto, one apt runs at a time): the
+front ends and the monitoring and backup hosts are not idle until the mail
+cluster stands, and those tiers only configure when their turn comes. Each
 tier module has `converge(run)`; a new tier adds itself to one list here.
 """
 
@@ -44,10 +49,13 @@ class _TableGrants:
 # -> grants on the mail tier's tables -> webmail and its VIP
 MAIL = [pxc, dbproxy, mail, drbd, cluster, _TableGrants, webmail, _Vips("webmail")]
 MONITORING = [monitoring]
+# Tiers whose packages install beside the systems (their `install(run)`), before their turn.
+EARLY_PACKAGES = [webmail, monitoring, backup]
 # Bacula's clients may be hosts of either system and the monitoring host (its data).
 BACKUP = [backup]
 XMPP_ROLES = (topology.EJABBERD, topology.PG_PRIMARY, topology.PG_REPLICA)
 MAIL_ROLES = (topology.GALERA, topology.MAIL_BACKEND, topology.WEBMAIL)
+BUSY_ROLES = (topology.GALERA, topology.MAIL_BACKEND)
 
 
 def _preflight(run, tiers) -> None:
@@ -72,6 +80,13 @@ def _chain(run, tiers):
     return converge
 
 
+def _installs(run, tiers, among):
+    def install() -> None:
+        for tier in tiers:
+            tier.install(run, among)
+    return install
+
+
 @runbook(default=True)
 def all(run):
     """Deploy everything in the inventory: the common tiers, then both systems side by side."""
@@ -83,13 +98,16 @@ def all(run):
     _preflight(run, COMMON + [t for tiers in systems.values() for t in tiers] + MONITORING + BACKUP)
     for tier in COMMON:
         tier.converge(run)
+    # not on the hosts the mail chain keeps busy from its first step to its last (Galera,
+    # the back ends): an apt there would hold up the chain that ends last
+    packages = _installs(run, EARLY_PACKAGES, set(run.hosts()) - set(run.inv.with_role(*BUSY_ROLES)))
     shared = set(run.inv.with_role(*XMPP_ROLES)) & set(run.inv.with_role(*MAIL_ROLES))
     if shared:  # a host in both systems: one after the other
         run.report.note(f"deploy: {', '.join(sorted(shared))} belong to both systems; they deploy one after the other")
-        for tiers in systems.values():
-            _chain(run, tiers)()
+        run.side_by_side({"systems": lambda: [_chain(run, tiers)() for tiers in systems.values()],
+                          "packages": packages})
     else:
-        run.side_by_side({name: _chain(run, tiers) for name, tiers in systems.items()})
+        run.side_by_side({**{name: _chain(run, tiers) for name, tiers in systems.items()}, "packages": packages})
     # Both need the systems and neither needs the other: side by side (on the hosts they
     # share, one apt at a time).
     run.side_by_side({"monitoring": _chain(run, MONITORING), "backup": _chain(run, BACKUP)})

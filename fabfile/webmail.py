@@ -163,10 +163,24 @@ def converge(run: Run) -> None:
     preflight(run)
     run.secrets.get(DES_KEY_SECRET, lambda: token(24))
     run.step("webmail: certificate present", hosts, topology.require_certificate)
-    run.step("webmail: packages", hosts, lambda h: h.packages(PACKAGES, preseed=DEBCONF))
+    run.step("webmail: packages", hosts, _packages)
     run.step("webmail: Roundcube, nginx, php-fpm", hosts, configure)
     first = run.answering(hosts, what="webmail front end")
     run.step("webmail: Roundcube's database schema", [first.name], schema)
+
+
+def install(run: Run, among: set[str] | None = None) -> None:
+    """Only the packages (nothing here needs the other tiers), on the selected
+    hosts ``among`` these: `deploy.all` runs this beside the systems, so that the
+    front ends are not idle until the mail cluster stands; converge() finds them
+    installed then."""
+    hosts = [h for h in front_ends(run.inv) if h in run.hosts() and (among is None or h in among)]
+    if hosts:
+        run.step("webmail: packages", hosts, _packages)
+
+
+def _packages(h: HostSession) -> None:
+    h.packages(PACKAGES, preseed=DEBCONF)
 
 
 def configure(h: HostSession) -> None:

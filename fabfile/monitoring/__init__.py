@@ -209,6 +209,31 @@ def converge(run: Run) -> None:
             run.step("monitoring: Grafana", [mon], lambda h: grafana.converge(h, h.tier_vars(grafana.template_vars)))
 
 
+def install(run: Run, among: set[str] | None = None) -> None:
+    """Only the packages, installed stopped (nothing here needs the systems), on
+    the selected hosts ``among`` these: `deploy.all` runs this beside them;
+    converge() finds them installed then."""
+    inv = run.inv
+    if inv.monitoring is None:
+        return
+    mon = monitoring_host(inv)
+    hosts = [h for h in run.hosts() if among is None or h in among]
+    exporting = [h for h in inv.hosts if topology.exporters(inv, h) and h in hosts]
+    run.step("monitoring: exporter packages", exporting, _exporter_packages)
+    if mon in hosts:
+        run.step("monitoring: server packages", [mon], _server_packages)
+
+
+def _exporter_packages(h: HostSession) -> None:
+    # installed stopped: Debian starts each with its defaults (no account, no
+    # stub_status yet), it fails and hits its start limit
+    h.packages([e.package for e in topology.exporters(h.inv, h.name) if e.package], no_start=True)
+
+
+def _server_packages(h: HostSession) -> None:
+    h.packages(SERVER_PACKAGES, no_start=True)
+
+
 def _pg_role(h: HostSession) -> None:
     from ..core.sql import pg_ident, pg_literal, psql_c
 
@@ -231,9 +256,7 @@ def exporters(h: HostSession) -> None:
     """The exporters of this host's roles, each on the address the monitoring host scrapes."""
     inv = h.inv
     wanted = topology.exporters(inv, h.name)
-    # installed stopped: Debian starts each with its defaults (no account, no
-    # stub_status yet), it fails and hits its start limit
-    h.packages([e.package for e in wanted if e.package], no_start=True)
+    _exporter_packages(h)
     v = h.tier_vars(exporter_vars)  # not the server's (rules, htpasswd hash, Grafana secrets) on every host
     for e in wanted:
         if e.package is None:
@@ -307,7 +330,7 @@ def _in_group(h: HostSession, group: str, why: str) -> bool:
 def server(h: HostSession) -> None:
     """Prometheus, its rules, the blackbox exporter, Alertmanager and nginx on the monitoring host."""
     topology.require_certificate(h)
-    h.packages(SERVER_PACKAGES, no_start=True)
+    _server_packages(h)
     v = h.tier_vars(template_vars)
     h.directory("/etc/prometheus/rules")
     rules = h.template("monitoring/etc/prometheus/rules/hastack.rules.yml.j2",

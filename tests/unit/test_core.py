@@ -165,31 +165,45 @@ def test_a_unit_skipped_for_its_conditions_is_started_only_when_they_pass_now(co
 
 
 def test_deploy_all_runs_monitoring_beside_backup_after_both_systems(monkeypatch):
-    """deploy.all: the common tiers, then the two systems side by side, then
-    monitoring and Bacula side by side (each waits for the other to have
-    started: they overlap), and nothing of them before the systems are done."""
+    """deploy.all: the common tiers, then the two systems side by side and beside
+    them the packages of the last tiers (each chain waits for the others to have
+    started: they overlap; not on the hosts the mail chain keeps busy), then
+    monitoring and Bacula side by side, nothing of them before the systems are done."""
     from fabfile import deploy
 
     both = threading.Barrier(2, timeout=5)
+    three = threading.Barrier(3, timeout=5)
     log: list[str] = []
+    among: list[set] = []
 
     class Tier:
-        def __init__(self, name, meet=False):
-            self.name, self.meet = name, meet
+        def __init__(self, name, meet=False, chains=False):
+            self.name, self.meet, self.chains = name, meet, chains
 
         def converge(self, run):
             log.append(f"{self.name} start")
+            if self.chains:
+                three.wait()
             if self.meet:
                 both.wait()
             log.append(f"{self.name} end")
 
+        def install(self, run, hosts):
+            among.append(hosts)
+            log.append(f"{self.name} install")
+            three.wait()
+
     monkeypatch.setattr(deploy, "COMMON", [Tier("common")])
-    monkeypatch.setattr(deploy, "XMPP", [Tier("xmpp")])
-    monkeypatch.setattr(deploy, "MAIL", [Tier("mail")])
+    monkeypatch.setattr(deploy, "XMPP", [Tier("xmpp", chains=True)])
+    monkeypatch.setattr(deploy, "MAIL", [Tier("mail", chains=True)])
     monkeypatch.setattr(deploy, "MONITORING", [Tier("monitoring", meet=True)])
     monkeypatch.setattr(deploy, "BACKUP", [Tier("backup", meet=True)])
+    monkeypatch.setattr(deploy, "EARLY_PACKAGES", [Tier("packages")])
     deploy.all.body.runbook(RecordingRun(LAB))
     assert log[:2] == ["common start", "common end"]
+    assert log.index("packages install") < min(log.index("xmpp end"), log.index("mail end"))
+    busy = set(LAB.with_role("galera", "mail_backend"))
+    assert among == [set(LAB.hosts) - busy] and busy and "ngx01" in among[0] and "mon1server" in among[0]
     systems_done = max(log.index("xmpp end"), log.index("mail end"))
     assert min(log.index("monitoring start"), log.index("backup start")) > systems_done
     assert {log.index("monitoring start"), log.index("backup start")} == {systems_done + 1, systems_done + 2}
@@ -235,3 +249,24 @@ def test_the_run_log_gives_each_step_its_start_and_its_duration_on_the_runs_cloc
     text = run.report.log_path.read_text()
     assert re.search(r"^== one: probe on e1server, e2server \(at \+\d+\.\ds\)$", text, re.M)
     assert re.search(r"^-- one: probe: \d+\.\d\ds \(at \+\d+\.\ds\)$", text, re.M)
+
+
+def test_the_early_installs_only_install_and_only_among_the_given_hosts():
+    """webmail, monitoring and backup `install(run, among)`: packages (stopped where
+    the tier installs them stopped) on the selected hosts among ``among``, nothing
+    configured, nothing on the other hosts."""
+    from fabfile import backup, monitoring, webmail
+
+    busy = set(LAB.with_role("galera", "mail_backend"))
+    among = set(LAB.hosts) - busy
+    run = RecordingRun(LAB)
+    for tier in (webmail, monitoring, backup):
+        tier.install(run, among)
+    touched = {host for host, _ in run.all_commands()}
+    assert touched and touched <= among and {"ngx01", "mon1server", "bk1server"} <= touched
+    allowed = ("dpkg-query -W", "DEBIAN_FRONTEND=noninteractive apt-get install ", "debconf-set-selections",
+               "test -e /usr/sbin/policy-rc.d", "rm -f /usr/sbin/policy-rc.d", "printf %s '#!/bin/sh")
+    for host, cmd in run.all_commands():
+        assert cmd.startswith(allowed), (host, cmd)
+    # installed stopped where the tier installs them stopped (exporters, the file daemon, the director)
+    assert any("policy-rc.d" in cmd for host, cmd in run.all_commands() if host == "psql1server")
