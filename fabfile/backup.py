@@ -264,11 +264,8 @@ def converge(run: Run) -> None:
         return
     for name in (DIR_SECRET, SD_SECRET, CATALOG_SECRET, *(fd_secret(c) for c in topology.backup_clients(inv))):
         run.secret(name)  # generated (and saved) once, before the hosts work in parallel
-    selected = run.hosts()
-    fds = [c for c in topology.backup_clients(inv) if c in selected]
-    server = [bk] if bk in selected else []
-    run.step("backup: certificates present", [h for h in inv.hosts if h in set(fds + server)],
-             topology.require_certificate)
+    fds, server, both = _targets(run)
+    run.step("backup: certificates present", both, topology.require_certificate)
     run.step("backup: file daemons", fds, configure_client)
     run.step("backup: catalog, storage daemon and director", server, configure_server)
 
@@ -277,15 +274,21 @@ def install(run: Run, among: set[str] | None = None) -> None:
     """Only the packages of the file daemons and the backup host, no daemon started
     (nothing here needs the systems), on the selected hosts ``among`` these:
     `deploy.all` runs this beside them; converge() finds them installed then."""
+    if topology.backup_host(run.inv) is None or not run.inv.backup_jobs:
+        return
+    fds, server, both = _targets(run, among)
+    run.step("backup: packages", both, lambda h: _packages(h, client=h.name in fds, server=h.name in server))
+
+
+def _targets(run: Run, among: set[str] | None = None) -> tuple[list[str], list[str], list[str]]:
+    """The selected hosts (``among`` these): the jobs' clients, the backup host
+    (a list of one or none), and both together in inventory order."""
     inv = run.inv
     bk = topology.backup_host(inv)
-    if bk is None or not inv.backup_jobs:
-        return
     selected = [h for h in run.hosts() if among is None or h in among]
     fds = [c for c in topology.backup_clients(inv) if c in selected]
     server = [bk] if bk in selected else []
-    run.step("backup: packages", [h for h in inv.hosts if h in set(fds + server)],
-             lambda h: _packages(h, client=h.name in fds, server=h.name in server))
+    return fds, server, [h for h in inv.hosts if h in {*fds, *server}]
 
 
 def _packages(h: HostSession, *, client: bool, server: bool) -> None:

@@ -446,6 +446,13 @@ class HostSession:
         self.sh(fix, message=message)
         return True
 
+    def in_group(self, user: str, group: str, why: str) -> bool:
+        """``user`` is a member of ``group`` (the name matched whole: `ssl-cert-old`
+        is not `ssl-cert`); ``why`` says what the membership is for. Returns changed
+        (a running process keeps its old groups: restart it)."""
+        return self.ensure(f"id -nG {q(user)} | tr ' ' '\\n' | grep -qxF {q(group)}",
+                           f"usermod -a -G {q(group)} {q(user)}", f"user {user} in group {group} ({why})")
+
     # --- packages and services ----------------------------------------------
 
     def _package_table(self) -> dict[str, bool]:

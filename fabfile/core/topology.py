@@ -57,8 +57,7 @@ def key_reader(h, user: str, why: str) -> bool:
     """``user`` (a service's account) joins the group that may read the host key;
     ``why`` says which daemon reads it. Returns changed (the service must restart
     to get the group)."""
-    return h.ensure(f"id -nG {q(user)} | tr ' ' '\\n' | grep -qxF {KEY_GROUP}",
-                    f"usermod -a -G {KEY_GROUP} {q(user)}", f"user {user} in group {KEY_GROUP} ({why})")
+    return h.in_group(user, KEY_GROUP, why)
 
 
 # --- PostgreSQL (XMPP service) --------------------------------------------------------------

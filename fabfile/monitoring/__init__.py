@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 from invoke import Collection
 
-from ..core import HostFailed, UserError, q, runbook, topology
+from ..core import HostFailed, UserError, runbook, topology
 from ..core.secrets import stable_bcrypt
 
 if TYPE_CHECKING:
@@ -194,14 +194,13 @@ def converge(run: Run) -> None:
     if inv.monitoring is None:
         return
     preflight(run)
-    mon = monitoring_host(inv)
     run.secrets.get(WEB_SECRET)
-    exporting = [h for h in inv.hosts if topology.exporters(inv, h) and h in run.hosts()]
+    exporting, mon = _targets(run)
     primary = [h for h in inv.with_role(topology.PG_PRIMARY) if h in run.hosts()]
     if primary:
         run.step("monitoring: postgres exporter's role", primary, _pg_role)
     run.step("monitoring: exporters", exporting, exporters)
-    if mon in run.hosts():
+    if mon:
         run.step("monitoring: Prometheus, Alertmanager, blackbox, nginx", [mon], server)
         if inv.monitoring.grafana:
             from . import grafana
@@ -213,15 +212,21 @@ def install(run: Run, among: set[str] | None = None) -> None:
     """Only the packages, installed stopped (nothing here needs the systems), on
     the selected hosts ``among`` these: `deploy.all` runs this beside them;
     converge() finds them installed then."""
-    inv = run.inv
-    if inv.monitoring is None:
+    if run.inv.monitoring is None:
         return
-    mon = monitoring_host(inv)
-    hosts = [h for h in run.hosts() if among is None or h in among]
-    exporting = [h for h in inv.hosts if topology.exporters(inv, h) and h in hosts]
+    exporting, mon = _targets(run, among)
     run.step("monitoring: exporter packages", exporting, _exporter_packages)
-    if mon in hosts:
+    if mon:
         run.step("monitoring: server packages", [mon], _server_packages)
+
+
+def _targets(run: Run, among: set[str] | None = None) -> tuple[list[str], str | None]:
+    """The selected hosts (``among`` these) that get exporters, and the monitoring
+    host when it is selected."""
+    selected = [h for h in run.hosts() if among is None or h in among]
+    exporting = [h for h in run.inv.hosts if topology.exporters(run.inv, h) and h in selected]
+    mon = monitoring_host(run.inv)
+    return exporting, mon if mon in selected else None
 
 
 def _exporter_packages(h: HostSession) -> None:
@@ -301,13 +306,13 @@ class _Exporters:
         # showq sits in postfix's public/ (group postdrop); the mail log is rsyslog's
         # (group adm, as Debian's log readers): made now when postfix has not logged
         # yet, so the exporter finds it and the setting does not change later.
-        groups = _in_group(h, "postdrop", "postfix's showq socket")
+        groups = h.in_group("prometheus", "postdrop", "postfix's showq socket")
         log = "/dev/null"
         if h.installed("rsyslog"):
             log = MAIL_LOG
             h.ensure(f"test -e {MAIL_LOG}", f"install -m 0640 -o root -g adm /dev/null {MAIL_LOG}",
                      f"{MAIL_LOG} exists (rsyslog appends to it)")
-            groups |= _in_group(h, "adm", "reads the mail log")
+            groups |= h.in_group("prometheus", "adm", "reads the mail log")
         changed = h.template("monitoring/etc/default/prometheus-postfix-exporter.j2",
                              "/etc/default/prometheus-postfix-exporter", {**v, "mail_log": log})
         h.service(e.package, restart=changed or groups)  # a running process keeps its old groups
@@ -319,12 +324,6 @@ class _Exporters:
         changed = h.template("monitoring/etc/default/prometheus-nginx-exporter.j2",
                              "/etc/default/prometheus-nginx-exporter", v)
         h.service(e.package, restart=changed)
-
-
-def _in_group(h: HostSession, group: str, why: str) -> bool:
-    """The exporters' user in ``group`` (a constant); whether it had to be added."""
-    return h.ensure(f"id -nG prometheus | tr ' ' '\\n' | grep -qx {q(group)}", f"adduser --quiet prometheus {q(group)}",
-                    f"user prometheus in group {group} ({why})")
 
 
 def server(h: HostSession) -> None:

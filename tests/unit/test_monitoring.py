@@ -211,3 +211,18 @@ def test_server_with_certificate_checks_configs_before_they_replace_the_live_one
     cmds = "\n".join(c for _, c in run.all_commands())
     assert "promtool check rules" in cmds and "promtool check config" in cmds
     assert "amtool check-config" in cmds and "--config.check" in cmds and "nginx -t" in cmds
+
+
+def test_postfix_exporter_joins_postdrop_and_adm_and_restarts_for_them():
+    """The exporter's user joins postdrop (showq) and, with rsyslog, adm (the mail
+    log), each matched whole; new groups restart the running exporter."""
+    e = next(e for e in topology.exporters(LAB, "postfix01") if e.job == "postfix")
+    run = RecordingRun(LAB, answers={"postfix01": [
+        (r"^dpkg-query -W", Result("rsyslog installed\n")),
+        (r"^id -nG prometheus \| tr ' ' '\\n' \| grep -qxF adm$", Result()),
+        (r"^systemctl show ", Result("LoadState=loaded\nUnitFileState=enabled\nActiveState=active\n"))]})
+    h = run.session("postfix01")
+    monitoring._Exporters.postfix(h, monitoring.exporter_vars(LAB, "postfix01", lambda *a: "x"), e)
+    assert "id -nG prometheus | tr ' ' '\\n' | grep -qxF postdrop" in h.commands
+    assert "usermod -a -G postdrop prometheus" in h.changes and not any("-G adm" in c for c in h.changes)
+    assert f"systemctl restart {e.package}" in h.changes
