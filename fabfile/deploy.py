@@ -104,7 +104,7 @@ def all(run):
     shared = set(run.inv.with_role(*XMPP_ROLES)) & set(run.inv.with_role(*MAIL_ROLES))
     if shared:  # a host in both systems: one after the other
         run.report.note(f"deploy: {', '.join(sorted(shared))} belong to both systems; they deploy one after the other")
-        run.side_by_side({"systems": lambda: [_chain(run, tiers)() for tiers in systems.values()],
+        run.side_by_side({"systems": _chain(run, [t for tiers in systems.values() for t in tiers]),
                           "packages": packages})
     else:
         run.side_by_side({**{name: _chain(run, tiers) for name, tiers in systems.items()}, "packages": packages})

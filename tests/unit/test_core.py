@@ -270,3 +270,45 @@ def test_the_early_installs_only_install_and_only_among_the_given_hosts():
         assert cmd.startswith(allowed), (host, cmd)
     # installed stopped where the tier installs them stopped (exporters, the file daemon, the director)
     assert any("policy-rc.d" in cmd for host, cmd in run.all_commands() if host == "psql1server")
+
+
+def test_deploy_all_runs_the_systems_one_after_the_other_when_a_host_is_in_both(monkeypatch, tmp_path):
+    """A host with a role of each system: the XMPP tiers, then the mail tiers, one
+    chain; the early packages still beside it."""
+    import yaml
+
+    from fabfile import deploy
+    from fabfile.core.inventory import load as load_inventory
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "inventory/lab.yml").read_text())
+    data["hosts"]["pxc1"]["roles"].append("ejabberd")
+    data["hosts"]["pxc1"]["addresses"]["dmz"] = "10.200.1.6"  # the xmpp VIP's network
+    path = tmp_path / "lab.yml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    inv = load_inventory(path)
+    log: list[str] = []
+    beside = threading.Event()
+
+    class Tier:
+        def __init__(self, name):
+            self.name = name
+
+        def converge(self, run):
+            log.append(self.name)
+            if self.name == "xmpp2":
+                assert beside.wait(5)  # the packages chain runs while the systems do
+
+        def install(self, run, among):
+            log.append("packages")
+            beside.set()
+
+    monkeypatch.setattr(deploy, "COMMON", [])
+    monkeypatch.setattr(deploy, "XMPP", [Tier("xmpp1"), Tier("xmpp2")])
+    monkeypatch.setattr(deploy, "MAIL", [Tier("mail1"), Tier("mail2")])
+    monkeypatch.setattr(deploy, "MONITORING", [])
+    monkeypatch.setattr(deploy, "BACKUP", [])
+    monkeypatch.setattr(deploy, "EARLY_PACKAGES", [Tier("early")])
+    run = RecordingRun(inv)
+    deploy.all.body.runbook(run)
+    assert [n for n in log if n != "packages"] == ["xmpp1", "xmpp2", "mail1", "mail2"] and "packages" in log
+    assert any("belong to both systems" in m for m in run.report.log_path.read_text().splitlines())
