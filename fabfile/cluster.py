@@ -4,10 +4,11 @@ inventory.
 
 Resource tree (names are the contract with the mail and dbproxy tiers):
 
-- `mail.storage: drbd`: DrbdData (ocf:linbit:drbd, promotable clone
-  DrbdData-clone) -> group `mail` = DrbdFS (Filesystem) -> virtual_ip
-  (IPaddr2, the `mail` VIP) -> postfix -> dovecot; colocated with the
-  promoted DrbdData and ordered after its promotion.
+- `mail.storage: drbd`: DrbdData (ocf:linbit:drbd, unfence_if_all_uptodate,
+  promotable clone DrbdData-clone: one promoted, clone-max 2 with DRBD 8.4,
+  every back end with DRBD 9) -> group `mail` = DrbdFS (Filesystem) ->
+  virtual_ip (IPaddr2, the `mail` VIP) -> postfix -> dovecot; colocated with
+  the promoted DrbdData and ordered after its promotion.
 - `mail.storage: none` (the lab): group `mail` = virtual_ip -> postfix -> dovecot.
 - group `dbproxy` = dbproxy_ip (IPaddr2, the `dbproxy` VIP) -> haproxy | proxysql.
 
@@ -90,6 +91,7 @@ class Tree:
     primitives: list[Primitive] = field(default_factory=list)
     groups: dict[str, list[str]] = field(default_factory=dict)
     promotable: dict[str, str] = field(default_factory=dict)  # primitive id -> clone id
+    clone_max: dict[str, int] = field(default_factory=dict)  # promotable primitive id -> its clone-max
     colocations: list[tuple[str, str, str]] = field(default_factory=list)  # rsc, with-rsc, with-role
     orders: list[tuple[str, str, str, str]] = field(default_factory=list)  # first, action, then, action
     stonith: list[Primitive] = field(default_factory=list)
@@ -121,11 +123,18 @@ def desired_tree(inv: Inventory, secret=None) -> Tree:
         return t
     mail_group: list[str] = []
     if inv.mail.storage == "drbd":
+        # unfence_if_all_uptodate: the agent clears a fence constraint (crm-fence-peer.9.sh's)
+        # left behind once every disk is UpToDate again.
         t.primitives.append(Primitive(
-            "DrbdData", "ocf:linbit:drbd", (("drbd_resource", topology.DRBD_RESOURCE),),
+            "DrbdData", "ocf:linbit:drbd",
+            (("drbd_resource", topology.DRBD_RESOURCE), ("unfence_if_all_uptodate", "true")),
             ("monitor interval=29s role=Promoted", "monitor interval=31s role=Unpromoted"),
         ))
         t.promotable["DrbdData"] = "DrbdData-clone"
+        # One promoted node; a clone instance on each node of the resource: the first
+        # two back ends with DRBD 8.4, every back end with DRBD 9 (the drbd tier's members).
+        nodes = len(topology.cluster_nodes(inv))
+        t.clone_max["DrbdData"] = nodes if inv.mail.drbd_version == 9 else min(nodes, 2)
         t.primitives.append(Primitive(
             "DrbdFS", "ocf:heartbeat:Filesystem",
             (("device", topology.DRBD_DEVICE), ("directory", topology.MAIL_STORE), ("fstype", "ext4")),
@@ -275,7 +284,8 @@ def plan_changes(tree: Tree, actual: Actual, props: dict[str, dict[str, str]], n
             continue
         tail: list[str] = []
         if p.id in tree.promotable:
-            tail = ["promotable", "promoted-max=1", "promoted-node-max=1", f"clone-max={min(n_nodes, 2)}",
+            tail = ["promotable", "promoted-max=1", "promoted-node-max=1",
+                    f"clone-max={tree.clone_max.get(p.id, min(n_nodes, 2))}",
                     "clone-node-max=1", "notify=true"]
         group = member_of.get(p.id)
         if group:

@@ -111,12 +111,76 @@ class Site(_Model):
     timezone: str = "UTC"
 
 
+# The DRBD backing device (mail.drbd_backing): a whole disk that becomes an LVM PV.
+BLOCK_DEVICE = re.compile(r"/dev/[A-Za-z0-9_+:.-]+(/[A-Za-z0-9_+:.-]+)*")
+LVM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}")
+LV_SIZE = re.compile(r"(100|[1-9][0-9]?)%(FREE|VG)|[1-9][0-9]*(\.[0-9]+)?[KMGT]")
+
+
+class DrbdBacking(_Model):
+    """Where the DRBD resource's backing device comes from: the logical volume
+    /dev/<volume_group>/<volume>, made (by the drbd tier) on ``disk`` when the
+    volume group does not exist yet; a disk that holds anything is refused."""
+
+    # The whole disk that becomes the volume group's physical volume (empty, no partitions).
+    disk: str = "/dev/vdb"
+    volume_group: str = "vg0"
+    volume: str = "mail"
+    # lvcreate's size: PERCENT%FREE or PERCENT%VG (-l), or a size such as 900M or 20G (-L).
+    size: str = "100%FREE"
+
+    @field_validator("disk")
+    @classmethod
+    def _disk(cls, value: str) -> str:
+        from pydantic_core import PydanticCustomError
+
+        if not BLOCK_DEVICE.fullmatch(value) or "/../" in f"{value}/" or "/./" in f"{value}/":
+            raise PydanticCustomError(
+                "disk", "not a device path: give a path under /dev such as /dev/vdb or "
+                "/dev/disk/by-id/NAME (letters, digits, '_', '+', ':', '.', '-'; no . or ..)")
+        return value
+
+    @field_validator("volume_group", "volume")
+    @classmethod
+    def _lvm_name(cls, value: str) -> str:
+        from pydantic_core import PydanticCustomError
+
+        if not LVM_NAME.fullmatch(value):
+            raise PydanticCustomError(
+                "lvm_name", "not an LVM name: a letter or digit, then letters, digits, "
+                "'_', '.', '+', '-' (at most 127)")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        from pydantic_core import PydanticCustomError
+
+        if not LV_SIZE.fullmatch(value):
+            raise PydanticCustomError(
+                "lv_size", "not a volume size: PERCENT%FREE or PERCENT%VG (1-100, e.g. 100%FREE), or a size "
+                "such as 900M or 20G (K, M, G, T)")
+        return value
+
+    @property
+    def device(self) -> str:
+        """The DRBD backing device: the logical volume."""
+        return f"/dev/{self.volume_group}/{self.volume}"
+
+    @property
+    def lvcreate_size(self) -> tuple[str, str]:
+        """lvcreate's size option and its value: ("-l", "100%FREE") or ("-L", "20G")."""
+        return ("-l" if "%" in self.size else "-L", self.size)
+
+
 class MailStack(_Model):
     domain: str
     galera_flavour: Literal["percona", "mariadb"] = "percona"
     db_proxy: Literal["proxysql", "haproxy"] = "proxysql"
     storage: Literal["drbd", "none"] = "drbd"
     drbd_version: Literal[8, 9] = 8
+    # The backing device of the DRBD resource on every node (mail.storage: drbd).
+    drbd_backing: DrbdBacking = DrbdBacking()
     fence_agent: Literal["fence_virsh", "fence_vbox", "fence_ipmilan", "fence_lab", "none"] = "fence_virsh"
     # The mailbox postmaster@DOMAIN and abuse@DOMAIN forward to: a local part of
     # the mail domain or a full address. Unset: the mail tier creates neither alias.

@@ -148,6 +148,18 @@ inv_case("galera flavour unknown", setp("mail.galera_flavour", "mysql"), ["mail.
 inv_case("db proxy unknown", setp("mail.db_proxy", "maxscale"), ["mail.db_proxy"])
 inv_case("storage unknown", setp("mail.storage", "nfs"), ["mail.storage"])
 inv_case("drbd version 7", setp("mail.drbd_version", 7), ["mail.drbd_version"])
+inv_case("drbd backing disk injection", setp("mail.drbd_backing", {"disk": "/dev/vdb;reboot"}),
+         ["mail.drbd_backing.disk", "not a device path", "'/dev/vdb;reboot'"])
+inv_case("drbd backing disk not a device", setp("mail.drbd_backing", {"disk": "/srv/disk.img"}),
+         ["mail.drbd_backing.disk", "not a device path"])
+inv_case("drbd backing volume group injection", setp("mail.drbd_backing", {"volume_group": "vg0 $(id)"}),
+         ["mail.drbd_backing.volume_group", "not an LVM name"])
+inv_case("drbd backing volume name", setp("mail.drbd_backing", {"volume": "-mail"}),
+         ["mail.drbd_backing.volume", "not an LVM name"])
+inv_case("drbd backing size", setp("mail.drbd_backing", {"size": "lots"}),
+         ["mail.drbd_backing.size", "not a volume size", "100%FREE"])
+inv_case("drbd backing unknown key", setp("mail.drbd_backing", {"device": "/dev/vdb"}),
+         ["mail.drbd_backing.device: unknown key"])
 inv_case("fence agent unknown", setp("mail.fence_agent", "fence_magic"), ["mail.fence_agent"])
 inv_case("mail domain invalid", setp("mail.domain", "lab"), ["mail.domain", "not a DNS name"])
 inv_case("mail domain injection", setp("mail.domain", "lab.test;id"), ["mail.domain", "not a DNS name"])

@@ -71,11 +71,34 @@ def test_drbd_tree_puts_storage_under_the_group():
     assert t.colocations == [("mail", "DrbdData-clone", "Promoted")]
     assert t.orders == [("DrbdData-clone", "promote", "mail", "start")]
     cmds = [c for c, _ in cluster.plan_changes(t, cluster.Actual(), {}, 3)]
-    assert cmds[0].startswith("pcs resource create DrbdData ocf:linbit:drbd drbd_resource=mail op monitor "
-                              "interval=29s role=Promoted op monitor interval=31s role=Unpromoted promotable")
-    assert "clone-max=2" in cmds[0]
+    assert cmds[0] == ("pcs resource create DrbdData ocf:linbit:drbd drbd_resource=mail unfence_if_all_uptodate=true "
+                       "op monitor interval=29s role=Promoted op monitor interval=31s role=Unpromoted promotable "
+                       "promoted-max=1 promoted-node-max=1 clone-max=2 clone-node-max=1 notify=true")
+    # DrbdFS first in the mail group, which runs with the promoted clone, after its promotion
+    assert cmds[1].startswith("pcs resource create DrbdFS ocf:heartbeat:Filesystem device=/dev/drbd0 "
+                              "directory=/var/vmail fstype=ext4 ")
+    assert cmds[1].endswith(" --group mail")
     assert "pcs constraint colocation add mail with Promoted DrbdData-clone INFINITY" in cmds
     assert "pcs constraint order promote DrbdData-clone then start mail" in cmds
+
+
+def test_drbd_clone_max_follows_the_drbd_version():
+    """8.4: one instance on each of the two nodes of the resource; 9: one on every back end."""
+    def create(version, n_nodes=3):
+        t = cluster.desired_tree(_with_mail(LAB, storage="drbd", drbd_version=version))
+        return next(c for c, _ in cluster.plan_changes(t, cluster.Actual(), {}, n_nodes) if "DrbdData " in c)
+    assert "promoted-max=1 promoted-node-max=1 clone-max=2 clone-node-max=1 notify=true" in create(8)
+    assert "promoted-max=1 promoted-node-max=1 clone-max=3 clone-node-max=1 notify=true" in create(9)
+
+
+def test_drbd_resource_gets_the_unfence_parameter_when_it_lacks_it():
+    """A DrbdData created before unfence_if_all_uptodate is updated in place, not recreated."""
+    t = cluster.desired_tree(_with_mail(LAB, storage="drbd"))
+    old = cluster.Actual(primitives={"DrbdData": cluster.Primitive(
+        "DrbdData", "ocf:linbit:drbd", (("drbd_resource", "mail"),))})
+    cmds = [c for c, _ in cluster.plan_changes(t, old, {}, 2)]
+    assert "pcs resource update DrbdData unfence_if_all_uptodate=true" in cmds
+    assert not any(c.startswith("pcs resource create DrbdData ") for c in cmds)
 
 
 @pytest.mark.parametrize("inventory", INVENTORIES, ids=lambda p: p.name)

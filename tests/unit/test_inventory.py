@@ -156,12 +156,51 @@ CASES = [
     ("bad apt proxy", _set("site.apt_proxy", "10.0.0.1:3142"), "site.apt_proxy", "'10.0.0.1:3142' is not valid here (an http(s):// URL)"),
     ("port out of range", _set("ssh", {"port": 70000}), "ssh.port",
      "Input should be less than or equal to 65535 (got 70000)"),
+    ("DRBD backing disk not under /dev", _set("mail.drbd_backing", {"disk": "vdb"}), "mail.drbd_backing.disk",
+     "not a device path: give a path under /dev such as /dev/vdb or /dev/disk/by-id/NAME (letters, digits, "
+     "'_', '+', ':', '.', '-'; no . or ..) (got 'vdb')"),
+    ("DRBD backing volume group with a space", _set("mail.drbd_backing", {"volume_group": "vg 0"}),
+     "mail.drbd_backing.volume_group",
+     "not an LVM name: a letter or digit, then letters, digits, '_', '.', '+', '-' (at most 127) (got 'vg 0')"),
+    ("DRBD backing size without a unit", _set("mail.drbd_backing", {"size": "20"}), "mail.drbd_backing.size",
+     "not a volume size: PERCENT%FREE or PERCENT%VG (1-100, e.g. 100%FREE), or a size such as 900M or 20G "
+     "(K, M, G, T) (got '20')"),
 ]
 
 
 @pytest.mark.parametrize("name,change,path,message", CASES, ids=[c[0] for c in CASES])
 def test_invalid_inventory_is_refused(name, change, path, message):
     assert (path, message) in problems_of(mutate(change))
+
+
+def test_drbd_backing_defaults_and_values():
+    from fabfile.core.inventory import DrbdBacking
+
+    b = DrbdBacking()
+    assert (b.disk, b.volume_group, b.volume, b.size) == ("/dev/vdb", "vg0", "mail", "100%FREE")
+    assert (b.device, b.lvcreate_size) == ("/dev/vg0/mail", ("-l", "100%FREE"))
+    assert DrbdBacking(size="80%VG").lvcreate_size == ("-l", "80%VG")
+    assert DrbdBacking(size="900M").lvcreate_size == ("-L", "900M")
+    assert DrbdBacking(size="1.5T").lvcreate_size == ("-L", "1.5T")
+    assert DrbdBacking(disk="/dev/disk/by-id/virtio-hastack-disk0").disk == "/dev/disk/by-id/virtio-hastack-disk0"
+    assert DrbdBacking(disk="/dev/disk/by-path/pci-0000:00:08.0").disk.endswith("08.0")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("disk", "/dev/vdb; rm -rf /"), ("disk", "/dev/vdb\n"), ("disk", "/dev/../etc/passwd"), ("disk", "/dev/"),
+    ("disk", "/dev/$(id)"), ("disk", "/etc/vdb"), ("disk", "/dev/vd b"),
+    ("volume_group", "-vg"), ("volume_group", "vg/0"), ("volume_group", "vg0\n"), ("volume_group", ""),
+    ("volume", "mail;id"), ("volume", "."), ("volume", "'mail'"),
+    ("size", "0%FREE"), ("size", "101%FREE"), ("size", "100%free"), ("size", "20 G"), ("size", "-20G"),
+    ("size", "20G\n"), ("size", "20g"), ("size", "100%PVS"),
+])
+def test_drbd_backing_refuses(key, value):
+    from pydantic import ValidationError
+
+    from fabfile.core.inventory import DrbdBacking
+
+    with pytest.raises(ValidationError, match=key):
+        DrbdBacking(**{key: value})
 
 
 def test_enough_invalid_cases():
