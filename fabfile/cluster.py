@@ -7,6 +7,7 @@ Resource tree (names are the contract with the mail and dbproxy tiers):
 - `mail.storage: drbd`: DrbdData (ocf:linbit:drbd, unfence_if_all_uptodate,
   promotable clone DrbdData-clone: one promoted, clone-max 2 with DRBD 8.4,
   every back end with DRBD 9) -> group `mail` = DrbdFS (Filesystem) ->
+  PostfixSpool (postfix's queue on the store, bind-mounted over /var/spool/postfix) ->
   virtual_ip (IPaddr2, the `mail` VIP) -> postfix -> dovecot; colocated with
   the promoted DrbdData and ordered after its promotion.
 - `mail.storage: none` (the lab): group `mail` = virtual_ip -> postfix -> dovecot.
@@ -62,6 +63,9 @@ MAIL_PACKAGES = ["postfix", "dovecot-imapd"]
 FENCE_LAB = "/usr/sbin/fence_lab"
 FENCE_LAB_CONF = "/etc/hastack/fence_lab.conf"
 PROXY_UNITS = {"haproxy": "haproxy", "proxysql": "proxysql"}
+# pcs's requests to the nodes' pcsd (cluster start) give up after 60 s by default:
+# a node with a slow (emulated) CPU can take longer. (`cluster setup` takes no such option.)
+PCSD_TIMEOUT = "--request-timeout=300"
 CIB_TIMEOUT = 120  # seconds the CIB may take to answer after the cluster starts
 # Credentials the operator puts in the secrets store for the real fence agents.
 FENCE_SECRETS = {
@@ -139,7 +143,12 @@ def desired_tree(inv: Inventory, secret=None) -> Tree:
             "DrbdFS", "ocf:heartbeat:Filesystem",
             (("device", topology.DRBD_DEVICE), ("directory", topology.MAIL_STORE), ("fstype", "ext4")),
         ))
-        mail_group.append("DrbdFS")
+        t.primitives.append(Primitive(
+            "PostfixSpool", "ocf:heartbeat:Filesystem",
+            (("device", topology.POSTFIX_SPOOL_ON_STORE), ("directory", topology.POSTFIX_SPOOL),
+             ("fstype", "none"), ("options", "bind")),
+        ))
+        mail_group += ["DrbdFS", "PostfixSpool"]
         t.colocations.append(("mail", "DrbdData-clone", "Promoted"))
         t.orders.append(("DrbdData-clone", "promote", "mail", "start"))
     t.primitives.append(_ipaddr2(inv, "mail", "virtual_ip"))
@@ -428,14 +437,14 @@ def _form(h: HostSession, state: dict) -> None:
             h.sh(join("pcs", "host", "auth", *_node_addrs(inv, members), "-u", "hacluster") + " -p \"$(cat)\"",
                  stdin=password, message="pcs host auth (all nodes)")
         h.sh(join("pcs", "cluster", "setup", cluster_name(inv), *_node_addrs(inv, members))
-             + " --start --enable --wait=180", message=f"pcs cluster setup {cluster_name(inv)} (start, enable)",
-             timeout=300)
+             + " --start --enable --wait=180",
+             message=f"pcs cluster setup {cluster_name(inv)} (start, enable)", timeout=600)
         return
     h.ok(f"cluster {cluster_name(inv)} formed on every node")
     stopped = [n for n in members if not state[n]["running"]]
     if stopped:
-        h.sh(join("pcs", "cluster", "start", "--wait=180", *stopped),
-             message=f"start the cluster on {', '.join(stopped)}", timeout=300)
+        h.sh(join("pcs", "cluster", "start", "--wait=180", *stopped) + f" {PCSD_TIMEOUT}",
+             message=f"start the cluster on {', '.join(stopped)}", timeout=600)
     disabled = [n for n in members if not state[n]["enabled"]]
     if disabled:
         h.sh(join("pcs", "cluster", "enable", *disabled), message=f"enable the cluster on {', '.join(disabled)}")

@@ -326,6 +326,19 @@ def preflight(run: Run) -> list[str]:
     return selected
 
 
+POSTFIX_IDS_PROBE = ("echo $(id -u postfix):$(id -g postfix):$(getent group postdrop | cut -d: -f3)")
+
+
+def check_postfix_ids(ids: dict[str, str]) -> None:
+    """postfix's queue moves between the nodes on the store: its owners must have
+    the same uid/gids everywhere (Debian allocates them at install)."""
+    if len(set(ids.values())) > 1:
+        listed = "; ".join(f"{h}: {v or 'missing'}" for h, v in ids.items())
+        raise UserError(f"drbd: postfix's queue is on the mail store, so the postfix uid:gid:postdrop gid must be "
+                        f"the same on every back end, and they differ ({listed}); align them by hand "
+                        "(usermod/groupmod, then chown the spool) before deploying")
+
+
 def converge(run: Run) -> None:
     inv = run.inv
     if inv.mail is None or inv.mail.storage != "drbd":
@@ -335,6 +348,10 @@ def converge(run: Run) -> None:
     if not hosts:
         run.report.note("drbd: no node of the resource selected (--hosts), skipped")
         return
+    ids: dict[str, str] = {}
+    run.step("drbd: postfix's ids (its queue is on the store)", hosts,
+             lambda h: ids.__setitem__(h.name, h.probe(POSTFIX_IDS_PROBE).stdout.strip()))
+    check_postfix_ids(ids)  # before anything changes
     run.secret(SECRET)
     created: dict[str, bool] = {}
     run.step("drbd: packages, backing device, module, resource file, metadata, up", hosts,
@@ -405,8 +422,10 @@ def _initial(h: HostSession) -> None:
     h.sh(f"mkfs.ext4 -q -L mail {dev}", message=f"mkfs.ext4 {DEVICE}")
     h.sh(f"id {user} >/dev/null 2>&1 || useradd --system --home-dir {mnt} --no-create-home "
          f"--shell /usr/sbin/nologin {user}", message=f"mail user {MAIL_USER}")
+    spool, store_spool = q(topology.POSTFIX_SPOOL), q(topology.POSTFIX_SPOOL_ON_STORE)
     h.sh(f"mkdir -p {mnt} && mount {dev} {mnt} && chown {q(MAIL_USER + ':' + MAIL_USER)} {mnt} "
-         f"&& chmod 0770 {mnt} && umount {mnt}", message=f"{MAIL_DIR} owned by {MAIL_USER}")
+         f"&& chmod 0770 {mnt} && mkdir {store_spool} && cp -a {spool}/. {store_spool}/ && umount {mnt}",
+         message=f"{MAIL_DIR} owned by {MAIL_USER}, postfix's queue copied to {topology.POSTFIX_SPOOL_ON_STORE}")
     h.sh(f"drbdadm secondary {R}", message=f"{RESOURCE}: secondary (Pacemaker promotes it)")
 
 

@@ -320,6 +320,13 @@ def slot_name(host: str) -> str:
 
 DRBD_RESOURCE = "mail"
 DRBD_DEVICE = "/dev/drbd0"
+# Postfix's queue lives on the mail store too (bind-mounted over its spool where the
+# mail group runs): a message postfix acknowledged moves with the group, and is not
+# left in the queue of a node that was fenced before it delivered it.
+POSTFIX_SPOOL = "/var/spool/postfix"
+POSTFIX_SPOOL_ON_STORE = f"{MAIL_STORE}/postfix-spool"
+# The owners of the queue's files: the same ids on every back end, or a moved queue is unreadable.
+POSTFIX_IDS = ("postfix", "postdrop")
 
 
 # --- monitoring: who exports what, where Prometheus scrapes it --------------------------

@@ -49,13 +49,13 @@ POWER_ACTIONS = ("on", "off", "status")
 
 @task(help={
     "hosts": "comma-separated host names to start (default: every inventory host)",
-    "timeout": "seconds to wait for the hosts to answer SSH (default 180)",
+    "timeout": "seconds to wait for the hosts to answer SSH (default 180; 600 with VM hosts)",
 })
 def up(c, hosts=None, timeout=None):
-    """Start the lab: one booted Debian container per inventory host (idempotent)."""
+    """Start the lab: one booted Debian container per inventory host, a qemu VM per host with kernel_modules (idempotent)."""
     # timeout defaults to None, not 180: invoke would parse the option as an int
     # then, and `--timeout abc` would end in its traceback instead of our message.
-    lab_up(load_inventory(c, roles_file=False), hosts=hosts, timeout=seconds(180 if timeout is None else timeout))
+    lab_up(load_inventory(c, roles_file=False), hosts=hosts, timeout=None if timeout is None else seconds(timeout))
 
 
 @task(help={
@@ -76,20 +76,22 @@ def down(c, purge=False, disks=False):
 
 @task
 def status(c):
-    """Show each lab host: state, addresses and memory in use."""
+    """Show each lab host: state, kind (container or VM, and its accelerator), addresses, memory in use."""
     from rich.table import Table  # here, not at the top: `inv --list` stays fast without rich
 
     plan = Plan(load_inventory(c, roles_file=False))
     table = Table(title=f"lab {plan.inv.site.name} ({plan.inv.path})")
-    for col in ("host", "state", "addresses", "memory", "roles"):
+    for col in ("host", "state", "kind", "addresses", "memory", "roles"):
         table.add_column(col, justify="right" if col == "memory" else "left")
     colours = {"running": "green", "stopped": "yellow", "absent": "dim"}
     for row in host_states(plan):
         table.add_row(
             row["host"],
             f"[{colours[row['state']]}]{row['state']}[/]",
+            row["kind"],
             ", ".join(f"{net} {iface.ip}" for net, iface in row["addresses"]),
-            f"{row['memory'] / 2**20:.0f} MiB" if row["memory"] is not None else "-",
+            (f"{row['memory'] / 2**20:.0f} MiB" if row["memory"] is not None else "-")
+            + (f" of {row['memory_max'] / 2**20:.0f}" if row["memory_max"] else ""),
             ", ".join(row["roles"]),
         )
     report = Report("lab.status")

@@ -21,7 +21,7 @@ from ..core.report import Report
 from ..core.secrets import Secrets
 from ..core.topology import FENCE_LAB_PORT, FENCE_LAB_SECRET
 from ..core.wait import TimedOut, poll
-from . import machines, networks
+from . import machines, networks, vm
 from .apt_proxy import acng_pids, ensure_apt_proxy, listening
 from .machines import NSPAWN_TMPFS
 from .networks import NETNS_DIR
@@ -54,12 +54,17 @@ def seconds(value, what: str = "--timeout") -> float:
     return number
 
 
-def lab_up(inv: Inventory, hosts: str | None = None, timeout: float = 180, state_dir: Path | None = None,
+BOOT_TIMEOUT = 180  # seconds for containers to answer SSH
+VM_BOOT_TIMEOUT = 600  # ... when a VM is among them (an emulated CPU boots in 1-2 minutes, more under load)
+
+
+def lab_up(inv: Inventory, hosts: str | None = None, timeout: float | None = None, state_dir: Path | None = None,
            report: Report | None = None) -> dict:
     """Bring the lab (or the chosen hosts) up; return a summary dict."""
     plan = Plan(inv, state_dir or STATE_DIR)
-    timeout = seconds(timeout)
     selected = plan.select(hosts)
+    default = VM_BOOT_TIMEOUT if vm.vm_hosts(plan, selected) else BOOT_TIMEOUT
+    timeout = seconds(default if timeout is None else timeout)
     require_root("lab.up")
     require_tools()
     own = report is None
@@ -76,10 +81,13 @@ def _up(plan: Plan, selected: list[str], timeout: float, report: Report) -> dict
     t0 = time.monotonic()
     with locked(plan.state_dir, report):
         networks.check_machine(plan)
-        with_modules = [f"{h} ({', '.join(inv.hosts[h].kernel_modules)})" for h in selected if inv.hosts[h].kernel_modules]
-        if with_modules:
-            report.note(escape(f"note: {', '.join(with_modules)} want kernel modules; a container cannot load "
-                               "them, so these hosts run as containers without them (see the README's fidelity table)"))
+        vms = vm.vm_hosts(plan, selected)
+        if vms:
+            require_tools(vm.TOOLS)
+            usable, why = vm.kvm_usable()
+            report.note(escape(f"{', '.join(vms)} load kernel modules ("
+                               f"{', '.join(sorted({m for h in vms for m in inv.hosts[h].kernel_modules}))}): "
+                               f"qemu VMs, {'KVM (TCG if a guest stays silent)' if usable else f'TCG: {why}'}"))
         if machines.ensure_key(inv):
             _result(report, MACHINE, "changed", f"made the lab's SSH key {inv.key_file}")
         machines.ensure_run_mounts(plan)
@@ -99,16 +107,26 @@ def _up(plan: Plan, selected: list[str], timeout: float, report: Report) -> dict
         _result(report, MACHINE, "changed" if built is not None else "ok",
                       f"cached root {plan.root}: " + (f"built in {built:.0f}s" if built is not None else "reused"))
 
+        lower = {}
+        if vms:  # the VM hosts' image root: the cached root, a kernel and a head start of packages
+            vm_root, vm_built = vm.ensure_vm_root(plan, vm.packages(plan, vm.vm_hosts(plan, list(inv.hosts))), report)
+            lower = {h: vm_root for h in vms}
+            _result(report, MACHINE, "changed" if vm_built is not None else "ok",
+                    f"VM root {vm_root}: " + (f"built in {vm_built:.0f}s" if vm_built is not None else "reused"))
+
         running = [h for h in selected if machines.running_pid(plan, h)]
         to_start = [h for h in selected if h not in running]
         with ThreadPoolExecutor(max_workers=4) as pool:
-            fresh = pool.map(lambda h: machines.prepare_disk(plan, h), to_start)
+            fresh = pool.map(lambda h: machines.prepare_disk(plan, h, lower.get(h)), to_start)
             new_disks = [h for h, new in zip(to_start, fresh) if new]
         replaced = machines.update_known_hosts(plan, selected)
         started = {}
         for host in to_start:
-            networks.ensure_netns(plan, host)
-            started[host] = machines.start_container(plan, host)
+            if host in lower:
+                started[host] = vm.start_vm(plan, host)
+            else:
+                networks.ensure_netns(plan, host)
+                started[host] = machines.start_container(plan, host)
         states = machines.wait_ready(plan, started, timeout) if started else {}
     elapsed = time.monotonic() - t0
     for host, state in states.items():
@@ -155,6 +173,10 @@ def _down(plan: Plan, purge: bool, disks: bool) -> list[str]:
     if pids:
         stop_pids(pids, grace=30)
         done.append(f"{len(pids)} containers")
+    vms = vm.lab_pids(plan)
+    if vms:  # SIGTERM: qemu stops the VM at once (their disks are kept, as after a power cut)
+        stop_pids(vms, grace=10)
+        done.append(f"{len(vms)} VMs")
     for host in known:  # anything still in the hosts' cgroups (nothing, normally)
         machines.remove_cgroups(plan, host)
     machines.remove_stray_cgroups(plan)

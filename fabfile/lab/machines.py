@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING
 from ..core import UserError
 from ..core.report import Report
 from ..core.wait import TimedOut, poll
+from . import vm
 from .apt_proxy import APT_PROXY_CONF
 from .networks import NETNS_DIR
 from .plan import DEBOOTSTRAP_ARGS, MIRROR, SECURITY_MIRROR, SUITE, Plan
-from .system import fs_type, is_mount, processes, root_builder, run, stop_pids, tail, write
+from .system import fs_type, is_mount, processes, root_builder, run, stop_pids, tail, umount, write
 
 if TYPE_CHECKING:
     from ..core.inventory import Inventory
@@ -210,7 +211,10 @@ def _finalize_root(root: Path) -> None:
 
 
 def running_pid(plan: Plan, host: str) -> int | None:
-    """The host's systemd-nspawn (or, for a moment after the start, the shell that execs it)."""
+    """The host's systemd-nspawn (or, for a moment after the start, the shell that
+    execs it); for a VM host its qemu."""
+    if vm.is_vm(plan, host):
+        return vm.running_pid(plan, host)
     needle = f"--directory={plan.merged(host)}"
     for pid, argv in processes():
         if needle in argv and any(os.path.basename(a) == "systemd-nspawn" for a in argv[:5]):
@@ -218,23 +222,28 @@ def running_pid(plan: Plan, host: str) -> int | None:
     return None
 
 
-def prepare_disk(plan: Plan, host: str) -> bool:
-    """Mount the host's overlay; give a new disk its identity. Returns True for a new disk."""
+def prepare_disk(plan: Plan, host: str, lower: Path | None = None) -> bool:
+    """Mount the host's overlay on `lower` (the cached root); give a new disk its
+    identity. Returns True for a new disk. A VM host's overlay is only where its
+    image is made (vm.make_disks); its disk is then the image."""
+    lower = lower or plan.root
     hdir = plan.host_dir(host)
     upper, work, merged = hdir / "upper", hdir / "work", hdir / "root"
     lower_file = hdir / "lower"
     new = not upper.exists()
-    if not new and lower_file.exists() and lower_file.read_text().strip() != plan.root.name:
+    if vm.is_vm(plan, host) and vm.disk(plan, host).exists():
+        return False  # the image is the disk now, booted with the kernel of the root it was made from
+    if not new and lower_file.exists() and lower_file.read_text().strip() != lower.name:
         raise UserError(
             f"the disk of {host} was made from another cached root ({lower_file.read_text().strip()}, "
-            f"now {plan.root.name}); run inv lab.down --purge to start the lab afresh"
+            f"now {lower.name}); run inv lab.down --disks to give the lab fresh disks"
         )
     for d in (upper, work, merged):
         d.mkdir(parents=True, exist_ok=True)
-    lower_file.write_text(plan.root.name + "\n")
+    lower_file.write_text(lower.name + "\n")
     if not is_mount(merged):
         run(["mount", "-t", "overlay", "overlay", "-o",
-             f"lowerdir={plan.root},upperdir={upper},workdir={work}", str(merged)])
+             f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)])
     etc = merged / "etc"
     if new or not (etc / "ssh/ssh_host_ed25519_key").exists():
         run(["ssh-keygen", "-A", "-f", str(merged)])
@@ -257,6 +266,9 @@ def prepare_disk(plan: Plan, host: str) -> bool:
         if not link.is_symlink():
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to("/dev/null")
+    if vm.is_vm(plan, host):
+        vm.make_disks(plan, host, merged)
+        umount(merged)  # the image holds the disk from now on; host_key() reads upper/
     return new
 
 
@@ -408,9 +420,13 @@ def power_off(plan: Plan, host: str, timeout: float = 30) -> None:
     """Pull the plug: SIGKILL every process of the container, no shutdown, and
     drop its network namespace: what a host holds only while it runs (a VIP
     that Pacemaker or keepalived added, live firewall rules, routes) is gone,
-    as after a real power cut; power on makes the NICs anew. The caller reads
-    the state afterwards (still "on" if it did not go in time)."""
-    stop_pids(cgroup_pids(plan, host), grace=0)
+    as after a real power cut; power on makes the NICs anew. A VM: SIGKILL of
+    its qemu. The caller reads the state afterwards (still "on" if it did not
+    go in time)."""
+    if vm.is_vm(plan, host):
+        vm.power_off(plan, host)
+    else:
+        stop_pids(cgroup_pids(plan, host), grace=0)
     with contextlib.suppress(TimedOut):
         poll(lambda: running_pid(plan, host), lambda pid: pid is None, timeout=timeout, interval=0.2,
              what=f"{host} to power off")
@@ -482,15 +498,18 @@ def host_states(plan: Plan) -> list[dict]:
         pid = running_pid(plan, host)
         if pid:
             state = "running"
-        elif (plan.host_dir(host) / "upper").exists():
+        elif (plan.host_dir(host) / "upper").exists() or vm.disk(plan, host).exists():
             state = "stopped"
         else:
             state = "absent"
+        is_vm = vm.is_vm(plan, host)
         rows.append({
             "host": host,
             "state": state,
+            "kind": f"VM, {vm.accel(plan, host)}" if is_vm else "container",
             "addresses": plan.nics(host),
-            "memory": host_memory(plan, host) if pid else None,
+            "memory": (vm.memory(pid) if is_vm else host_memory(plan, host)) if pid else None,
+            "memory_max": plan.inv.hosts[host].memory_mb * 2**20 if is_vm else None,
             "roles": plan.inv.hosts[host].roles,
         })
     return rows

@@ -114,12 +114,12 @@ def remove_networks(plan: Plan, hosts: list[str]) -> list[str]:
     bridges = [dev["ifname"] for dev in ip_json("-d", "link", "show") if is_our_bridge(plan, dev)]
     veth_re = re.compile(rf"^{re.escape(plan.prefix)}\d+-")
     stray = [dev["ifname"] for dev in ip_json("-d", "link", "show")
-             if dev.get("linkinfo", {}).get("info_kind") == "veth"
+             if dev.get("linkinfo", {}).get("info_kind") in ("veth", "tun")
              and (dev.get("master") in bridges or veth_re.match(dev["ifname"]))]
     for name in stray:
         run(["ip", "link", "del", name], check=False)
     if stray:
-        done.append(f"{len(stray)} veths")
+        done.append(f"{len(stray)} veths and taps")
     for name in bridges:
         run(["ip", "link", "del", name], check=False)
     if bridges:

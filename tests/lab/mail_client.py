@@ -7,7 +7,13 @@ one JSON line of results.
 - fetch: IMAP with STARTTLS (143) and IMAPS (993), both verified, as the
   recipient: waits until the message (by its unique subject) is in INBOX;
 - relay: unauthenticated SMTP on 25 and 587 to a foreign domain; the replies;
-- http: HTTPS GET of the given paths (verified); their status codes.
+- http: HTTPS GET of the given paths (verified); their status codes;
+- submit/fetch with "message_id": the message carries that Message-ID and is
+  looked up by it (HEADER Message-ID) instead of by its subject;
+- stream: submits numbered messages (587, STARTTLS, AUTH) one after another for
+  the given seconds, reconnecting after any failure; prints the numbers whose
+  DATA the server acknowledged with 250 (and how many attempts failed);
+- list: the subjects of every message in INBOX (IMAPS).
 """
 
 import imaplib
@@ -29,6 +35,8 @@ if "submit" in spec:
     s = spec["submit"]
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = s["from"], s["to"], s["subject"]
+    if s.get("message_id"):
+        msg["Message-ID"] = s["message_id"]
     msg.set_content("sent by the hastack lab test\n")
     t0 = time.monotonic()
     with smtplib.SMTP(host, 587, timeout=timeout) as smtp:
@@ -55,7 +63,10 @@ if "fetch" in spec:
         imap.login(f["user"], f["password"])
         while True:
             imap.select("INBOX")
-            typ, data = imap.search(None, "SUBJECT", f'"{f["subject"]}"')
+            if f.get("message_id"):
+                typ, data = imap.search(None, "HEADER", "Message-ID", f'"{f["message_id"]}"')
+            else:
+                typ, data = imap.search(None, "SUBJECT", f'"{f["subject"]}"')
             if data and data[0].split():
                 found[name] = len(data[0].split())
                 break
@@ -90,5 +101,48 @@ if "http" in spec:
         except urllib.error.HTTPError as e:
             codes[path] = e.code
     out["http"] = codes
+
+if "stream" in spec:
+    st = spec["stream"]
+    acked, failures, n = [], 0, 0
+    end = time.monotonic() + st["seconds"]
+    smtp = None
+    while time.monotonic() < end:
+        n += 1
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = st["from"], st["to"], f"{st['prefix']} {n}"
+        msg.set_content(f"message {n}\n")
+        try:
+            if smtp is None:
+                smtp = smtplib.SMTP(host, 587, timeout=timeout)
+                smtp.ehlo("client.lab.test")
+                smtp.starttls(context=ctx)
+                smtp.ehlo("client.lab.test")
+                smtp.login(st["from"], st["password"])
+            if not smtp.send_message(msg):  # returns only after 250 to DATA; raises otherwise
+                acked.append(n)
+        except (OSError, smtplib.SMTPException):
+            failures += 1
+            smtp = None
+            time.sleep(0.5)
+    if smtp is not None:
+        try:
+            smtp.quit()
+        except (OSError, smtplib.SMTPException):
+            pass
+    out["acked"], out["failures"], out["attempts"] = acked, failures, n
+
+if "list" in spec:
+    li = spec["list"]
+    imap = imaplib.IMAP4_SSL(host, 993, ssl_context=ctx, timeout=timeout)
+    imap.login(li["user"], li["password"])
+    imap.select("INBOX", readonly=True)
+    typ, data = imap.search(None, "ALL")
+    subjects = []
+    for num in data[0].split():
+        typ, hdr = imap.fetch(num, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        subjects.append(hdr[0][1].decode(errors="replace").split(":", 1)[1].strip())
+    imap.logout()
+    out["subjects"] = subjects
 
 print(json.dumps(out))

@@ -65,7 +65,7 @@ def test_lab_tree_without_storage():
 
 def test_drbd_tree_puts_storage_under_the_group():
     t = cluster.desired_tree(_with_mail(LAB, storage="drbd", db_proxy="proxysql"))
-    assert t.groups["mail"] == ["DrbdFS", "virtual_ip", "postfix", "dovecot"]
+    assert t.groups["mail"] == ["DrbdFS", "PostfixSpool", "virtual_ip", "postfix", "dovecot"]
     assert t.groups["dbproxy"] == ["dbproxy_ip", "proxysql"]
     assert t.promotable == {"DrbdData": "DrbdData-clone"}
     assert t.colocations == [("mail", "DrbdData-clone", "Promoted")]
@@ -78,6 +78,9 @@ def test_drbd_tree_puts_storage_under_the_group():
     assert cmds[1].startswith("pcs resource create DrbdFS ocf:heartbeat:Filesystem device=/dev/drbd0 "
                               "directory=/var/vmail fstype=ext4 ")
     assert cmds[1].endswith(" --group mail")
+    # postfix's queue on the store: what it acknowledged moves with the group
+    assert cmds[2].startswith("pcs resource create PostfixSpool ocf:heartbeat:Filesystem "
+                              "device=/var/vmail/postfix-spool directory=/var/spool/postfix fstype=none options=bind ")
     assert "pcs constraint colocation add mail with Promoted DrbdData-clone INFINITY" in cmds
     assert "pcs constraint order promote DrbdData-clone then start mail" in cmds
 

@@ -440,7 +440,8 @@ AFTER_PRIMARY = [
     "id vmail >/dev/null 2>&1 || useradd --system --home-dir /var/vmail --no-create-home "
     "--shell /usr/sbin/nologin vmail",
     "mkdir -p /var/vmail && mount /dev/drbd0 /var/vmail && chown vmail:vmail /var/vmail && chmod 0770 "
-    "/var/vmail && umount /var/vmail",
+    "/var/vmail && mkdir /var/vmail/postfix-spool && cp -a /var/spool/postfix/. /var/vmail/postfix-spool/ "
+    "&& umount /var/vmail",  # postfix's queue on the store
     "drbdadm secondary mail"]
 
 
@@ -522,3 +523,9 @@ def test_a_refused_disk_names_the_host_and_stops_the_run():
                                          r"it has signatures: ext4"):
         drbd.converge(run)
     assert not any(c.startswith(("pvcreate", "vgcreate", "lvcreate")) for c in run.session("postfix01").changes)
+
+
+def test_postfix_ids_must_match_on_every_back_end_before_anything_changes():
+    drbd.check_postfix_ids({"postfix01": "101:104:105", "postfix02": "101:104:105"})
+    with pytest.raises(UserError, match=r"postfix uid:gid:postdrop gid.*postfix01: 101:104:105; postfix02: 102:104:105"):
+        drbd.check_postfix_ids({"postfix01": "101:104:105", "postfix02": "102:104:105"})
