@@ -66,6 +66,7 @@ PROXY_UNITS = {"haproxy": "haproxy", "proxysql": "proxysql"}
 # pcs's requests to the nodes' pcsd (cluster start) give up after 60 s by default:
 # a node with a slow (emulated) CPU can take longer. (`cluster setup` takes no such option.)
 PCSD_TIMEOUT = "--request-timeout=300"
+CIB_FILE = "/run/hastack-cib.xml"  # the copy _resources changes before pushing it
 CIB_TIMEOUT = 120  # seconds the CIB may take to answer after the cluster starts
 # Credentials the operator puts in the secrets store for the real fence agents.
 FENCE_SECRETS = {
@@ -200,7 +201,9 @@ def desired_properties(inv: Inventory) -> dict[str, dict[str, str]]:
         "stonith-action": "off",
         "no-quorum-policy": "stop",
     }
-    return {"crm_config": props, "rsc_defaults": {"resource-stickiness": "100"}}
+    # Operations without a timeout of their own (the monitors): Pacemaker's 20 s default
+    # fails a monitor on a busy node (DRBD's agent on a loaded back end) and restarts a healthy resource.
+    return {"crm_config": props, "rsc_defaults": {"resource-stickiness": "100"}, "op_defaults": {"timeout": "60s"}}
 
 
 # --- the actual state (the CIB) ----------------------------------------------
@@ -245,7 +248,7 @@ def parse_cib(xml: str) -> Actual:
     for order in root.iter("rsc_order"):
         a.orders.add((order.get("first"), order.get("first-action") or "start",
                       order.get("then"), order.get("then-action") or "start"))
-    for section, tag in (("crm_config", "crm_config"), ("rsc_defaults", "rsc_defaults")):
+    for section, tag in (("crm_config", "crm_config"), ("rsc_defaults", "rsc_defaults"), ("op_defaults", "op_defaults")):
         values: dict[str, str] = {}
         for el in root.iter(tag):
             for nv in el.iter("nvpair"):
@@ -499,9 +502,19 @@ def _owned_units(h: HostSession, tree: Tree, actual: Actual) -> None:
 
 
 def _resources(h: HostSession, tree: Tree, actual: Actual) -> None:
+    """The missing pieces, in one CIB transaction: made in a copy of the CIB
+    (`pcs -f`) and pushed as one diff, so that Pacemaker never runs a resource
+    before its constraints exist (a DRBD file system started where DRBD is not
+    promoted fails, and its failure keeps it stopped)."""
     todo = plan_changes(tree, actual, {}, len(topology.cluster_nodes(h.inv)))
-    for cmd, msg in todo:
-        h.sh(cmd, message=msg)
+    if todo:
+        f, orig = q(CIB_FILE), q(CIB_FILE + ".orig")
+        h.sh(f"pcs cluster cib {f} && cp {f} {orig}", message="a copy of the CIB to change in one transaction")
+        for cmd, msg in todo:
+            assert cmd.startswith("pcs "), cmd
+            h.sh(f"pcs -f {f} {cmd[4:]}", message=msg)
+        h.sh(f"pcs cluster cib-push {f} diff-against={orig} && rm -f {f} {orig}",
+             message="the changes pushed to the CIB as one")
     if todo:  # the step ends with the tree running, not merely configured
         h.sh("crm_resource --wait --timeout=180", message="every resource settled where the cluster placed it",
              timeout=240)
@@ -543,7 +556,20 @@ def online_nodes(crm_mon_xml: str) -> list[str]:
             if n.get("online") == "true" and n.get("standby") != "true" and n.get("type", "member") == "member"]
 
 
-def _standby(run: Run, node: str, on: bool) -> None:
+STANDBY_WAIT = 120  # seconds pcs waits for the resources to settle after (un)standby, by default
+
+
+def wait_seconds(wait) -> int:
+    """--wait of standby/unstandby: whole seconds, 1 to 3600 (None: STANDBY_WAIT)."""
+    if wait is None:
+        return STANDBY_WAIT
+    if not re.fullmatch(r"[0-9]{1,4}", str(wait)) or not 1 <= int(str(wait)) <= 3600:
+        raise UserError(f"--wait must be a whole number of seconds from 1 to 3600, not {str(wait)!r}; nothing was changed")
+    return int(str(wait))
+
+
+def _standby(run: Run, node: str, on: bool, wait=None) -> None:
+    wait = wait_seconds(wait)
     members = topology.cluster_nodes(run.inv)
     if node not in members:
         raise UserError(f"{node!r} is not a cluster node (role {ROLE}: {', '.join(members)}); nothing was changed")
@@ -557,28 +583,32 @@ def _standby(run: Run, node: str, on: bool) -> None:
                 return
             if online == [node]:
                 raise HostFailed(f"{node} is the last online node; refusing to put it in standby")
-            h.sh(f"pcs node standby {q(node)} --wait=120", message=f"{node}: standby (its resources move)",
-                 timeout=180)
+            h.sh(f"pcs node standby {q(node)} --wait={wait}", message=f"{node}: standby (its resources move)",
+                 timeout=wait + 60)
         else:
             standby = h.probe(f"crm_attribute --node {q(node)} --name standby --query --quiet").stdout.strip()
             if standby not in ("on", "true", "1", "yes"):
                 h.ok(f"{node} is not in standby")
                 return
-            h.sh(f"pcs node unstandby {q(node)} --wait=120", message=f"{node}: back from standby", timeout=180)
+            h.sh(f"pcs node unstandby {q(node)} --wait={wait}", message=f"{node}: back from standby",
+                 timeout=wait + 60)
 
     run.step(f"cluster: {'standby' if on else 'unstandby'} {node}", [via], one)
 
 
-@runbook(help={"node": "the cluster node to put in standby (its resources move away)"})
-def standby(run, node):
+WAIT_HELP = f"seconds to wait for the resources to settle (default {STANDBY_WAIT})"
+
+
+@runbook(help={"node": "the cluster node to put in standby (its resources move away)", "wait": WAIT_HELP})
+def standby(run, node, wait=None):
     """Put a node in standby: its resources move to the other nodes (refused for the last online node)."""
-    _standby(run, node, True)
+    _standby(run, node, True, wait)
 
 
-@runbook(help={"node": "the cluster node to take out of standby"})
-def unstandby(run, node):
+@runbook(help={"node": "the cluster node to take out of standby", "wait": WAIT_HELP})
+def unstandby(run, node, wait=None):
     """Take a node out of standby (resources stay where they run: stickiness)."""
-    _standby(run, node, False)
+    _standby(run, node, False, wait)
 
 
 ns = Collection("cluster", deploy, status, standby, unstandby)

@@ -140,26 +140,18 @@ class DrbdBacking(_Model):
                 "/dev/disk/by-id/NAME (letters, digits, '_', '+', ':', '.', '-'; no . or ..)")
         return value
 
-    @field_validator("volume_group", "volume")
+    @field_validator("volume_group", "volume", "size")
     @classmethod
-    def _lvm_name(cls, value: str) -> str:
+    def _lvm_word(cls, value: str, info) -> str:
         from pydantic_core import PydanticCustomError
 
-        if not LVM_NAME.fullmatch(value):
-            raise PydanticCustomError(
-                "lvm_name", "not an LVM name: a letter or digit, then letters, digits, "
-                "'_', '.', '+', '-' (at most 127)")
-        return value
-
-    @field_validator("size")
-    @classmethod
-    def _size(cls, value: str) -> str:
-        from pydantic_core import PydanticCustomError
-
-        if not LV_SIZE.fullmatch(value):
-            raise PydanticCustomError(
-                "lv_size", "not a volume size: PERCENT%FREE or PERCENT%VG (1-100, e.g. 100%FREE), or a size "
-                "such as 900M or 20G (K, M, G, T)")
+        pattern, code, message = (
+            (LV_SIZE, "lv_size", "not a volume size: PERCENT%FREE or PERCENT%VG (1-100, e.g. 100%FREE), or a "
+             "size such as 900M or 20G (K, M, G, T)") if info.field_name == "size" else
+            (LVM_NAME, "lvm_name", "not an LVM name: a letter or digit, then letters, digits, '_', '.', '+', '-' "
+             "(at most 127)"))
+        if not pattern.fullmatch(value):
+            raise PydanticCustomError(code, message)
         return value
 
     @property

@@ -346,7 +346,9 @@ class HostSession:
             user=ssh.user,
             port=ssh.port,
             connect_timeout=ssh.connect_timeout,
-            connect_kwargs={"key_filename": str(key), "look_for_keys": False, "allow_agent": False},
+            # A slow host (an emulated CPU) may take longer than paramiko's 15 s for its banner.
+            connect_kwargs={"key_filename": str(key), "look_for_keys": False, "allow_agent": False,
+                            "banner_timeout": max(15, ssh.connect_timeout), "auth_timeout": max(30, ssh.connect_timeout)},
         )
         # Host keys are checked against the inventory's own known_hosts only:
         # an unknown or changed key is an error, never silently accepted.

@@ -4,20 +4,24 @@
 its own network namespace, one NIC per inventory network (named after the
 network: mgmt, mail, dmz, internal), joined to one Linux bridge per network.
 Only the management bridge has an address on the machine; apt-cacher-ng on that
-address is the hosts' only way to the Debian archive.
+address is the hosts' only way to the Debian archive. A host that loads kernel
+modules (`kernel_modules` in the inventory: DRBD) boots as a qemu VM instead,
+with taps on the same bridges (`vm`).
 
 Everything lives under STATE_DIR (/var/lib/hastack-lab):
 
     roots/bookworm-<hash>/        cached debootstrap root, shared read-only lower dir
+    roots/bookworm-<hash>-vm-<h>/ the VM hosts' root: that root + a kernel and their packages
     apt-cache/<prefix>/           apt-cacher-ng's package cache (kept by --purge too)
-    labs/<prefix>/hosts/<host>/   upper/ work/ root/ (the overlay: the host's disk)
+    labs/<prefix>/hosts/<host>/   upper/ work/ root/ (the overlay: the host's disk);
+                                  a VM's disk.img (made from its overlay once), disk1.img...
     labs/<prefix>/console/        each container's console log
     labs/<prefix>/apt-cacher-ng/  its config, logs and pid file
 
 The package: `plan` (every name, path and address, from the inventory),
 `system` (this machine: commands, processes, mounts), `networks` (bridges,
 namespaces, veths), `apt_proxy`, `machines` (cached root, disks, containers,
-keys, waits, power), `lifecycle` (lab_up / lab_down), `fence` (the fence_lab
+keys, waits, power), `vm` (the VM hosts: image, disks, taps, qemu), `lifecycle` (lab_up / lab_down), `fence` (the fence_lab
 power listener and its protocol; `python -m fabfile.lab.fence`), and here the
 tasks: up, down, status, ssh, power.
 """

@@ -108,7 +108,9 @@ def _up(plan: Plan, selected: list[str], timeout: float, report: Report) -> dict
                       f"cached root {plan.root}: " + (f"built in {built:.0f}s" if built is not None else "reused"))
 
         lower = {}
-        if vms:  # the VM hosts' image root: the cached root, a kernel and a head start of packages
+        if any(not vm.disk(plan, h).exists() for h in vms):
+            # the VM hosts' image root (the cached root, a kernel, a head start of
+            # packages): only for a new disk; an existing one boots its own root's kernel
             vm_root, vm_built = vm.ensure_vm_root(plan, vm.packages(plan, vm.vm_hosts(plan, list(inv.hosts))), report)
             lower = {h: vm_root for h in vms}
             _result(report, MACHINE, "changed" if vm_built is not None else "ok",
@@ -122,7 +124,7 @@ def _up(plan: Plan, selected: list[str], timeout: float, report: Report) -> dict
         replaced = machines.update_known_hosts(plan, selected)
         started = {}
         for host in to_start:
-            if host in lower:
+            if vm.is_vm(plan, host):
                 started[host] = vm.start_vm(plan, host)
             else:
                 networks.ensure_netns(plan, host)

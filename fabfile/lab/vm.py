@@ -90,7 +90,9 @@ INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "ext4")
 
 
 def is_vm(plan: Plan, host: str) -> bool:
-    return bool(plan.inv.hosts[host].kernel_modules)
+    """A host of the inventory that loads kernel modules (not a name the power listener was asked about)."""
+    spec = plan.inv.hosts.get(host)
+    return bool(spec and spec.kernel_modules)
 
 
 def vm_hosts(plan: Plan, hosts: list[str]) -> list[str]:

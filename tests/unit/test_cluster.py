@@ -163,15 +163,16 @@ def test_converged_cib_needs_no_command():
 def test_empty_cib_creates_everything_in_group_order():
     cmds = [c for c, _ in cluster.plan_changes(cluster.desired_tree(LAB), cluster.Actual(),
                                                 cluster.desired_properties(LAB), 3)]
-    assert cmds[:4] == [
+    assert cmds[:5] == [
         "crm_attribute --type crm_config --name stonith-enabled --update true",
         "crm_attribute --type crm_config --name stonith-action --update off",
         "crm_attribute --type crm_config --name no-quorum-policy --update stop",
         "crm_attribute --type rsc_defaults --name resource-stickiness --update 100",
+        "crm_attribute --type op_defaults --name timeout --update 60s",
     ]
-    assert cmds[4] == ("pcs resource create virtual_ip ocf:heartbeat:IPaddr2 ip=10.200.11.110 cidr_netmask=24 "
+    assert cmds[5] == ("pcs resource create virtual_ip ocf:heartbeat:IPaddr2 ip=10.200.11.110 cidr_netmask=24 "
                        "op monitor interval=30s --group mail")
-    assert cmds[5] == "pcs resource create postfix systemd:postfix@- op monitor interval=30s --group mail"
+    assert cmds[6] == "pcs resource create postfix systemd:postfix@- op monitor interval=30s --group mail"
     assert cmds[-1] == ("pcs stonith create fence_lab fence_lab pcmk_host_list=postfix01,postfix02,postfix03 "
                         "op monitor interval=60s")
     assert not any("delete" in c for c in cmds)
@@ -405,7 +406,12 @@ def test_resources_on_an_empty_cib_create_the_tree_and_wait_for_it_to_settle():
     run = recording()
     h = run.session("postfix01")
     cluster._resources(h, cluster.desired_tree(LAB), cluster.Actual())
-    assert h.changes[0].startswith("pcs resource create virtual_ip ocf:heartbeat:IPaddr2")
+    # one transaction: a copy of the CIB, every change made in it, pushed as one diff
+    assert h.changes[0] == "pcs cluster cib /run/hastack-cib.xml && cp /run/hastack-cib.xml /run/hastack-cib.xml.orig"
+    assert h.changes[1].startswith("pcs -f /run/hastack-cib.xml resource create virtual_ip ocf:heartbeat:IPaddr2")
+    assert all(c.startswith("pcs -f /run/hastack-cib.xml ") for c in h.changes[1:-2])
+    assert h.changes[-2] == ("pcs cluster cib-push /run/hastack-cib.xml diff-against=/run/hastack-cib.xml.orig "
+                             "&& rm -f /run/hastack-cib.xml /run/hastack-cib.xml.orig")
     assert h.changes[-1] == "crm_resource --wait --timeout=180"
 
 
@@ -459,6 +465,16 @@ def test_standby_moves_an_online_node_and_refuses_an_unknown_one_before_connecti
     run = _standby("postfix02", True, [(r"^crm_mon -1 --output-as=xml$", Result(stdout=CRM_MON.replace(
         'name="postfix02" id="2" online="true" standby="true"', 'name="postfix02" id="2" online="true" standby="false"')))])
     assert run.session("postfix01").changes == ["pcs node standby postfix02 --wait=120"]
+    run = recording({"*": [(r"^crm_mon -1 >/dev/null$", Result()), (r"^crm_mon -1 --output-as=xml$", Result(
+        stdout=CRM_MON.replace('name="postfix02" id="2" online="true" standby="true"',
+                               'name="postfix02" id="2" online="true" standby="false"')))]})
+    cluster.standby.body.runbook(run, "postfix02", "600")
+    assert run.session("postfix01").changes == ["pcs node standby postfix02 --wait=600"]
+    for bad in ("0", "3601", "1;id", "-5", "abc"):
+        run = recording()
+        with pytest.raises(UserError, match="--wait must be a whole number of seconds"):
+            cluster.standby.body.runbook(run, "postfix02", bad)
+        assert run.connected == []
     for bad in ("postfix02;reboot", "$(id)", "pxc1"):
         run = recording()
         with pytest.raises(UserError, match="is not a cluster node"):

@@ -148,13 +148,21 @@ def test_replicated_and_promoted_where_the_mail_group_runs(drbd_lab, m):
 
 
 def test_second_deploy_changes_nothing_and_resyncs_nothing(drbd_lab, m):
-    out = drbd_lab.invoke("deploy.mail", timeout=3600)
+    lab = drbd_lab
+    active = group_node(lab, m.nodes)
+    fs = f"blkid -o value -s UUID {topology.DRBD_DEVICE}"
+    before = lab.run(active, fs, check=True).stdout.strip()
+    out = lab.invoke("deploy.mail", timeout=3600)
     ok(out)
     _, changed, failed = recap(out)
-    print(f"\nsecond deploy.mail: {changed} changed, {failed} failed")
+    after = lab.run(active, fs, check=True).stdout.strip()
+    states = {n: drbd(lab, n) for n in m.nodes}
+    oos = lab.run(active, "grep -o 'oos:[0-9]*' /proc/drbd", check=True).stdout.strip()
+    print(f"\nsecond deploy.mail: {changed} changed, {failed} failed; file system {before} -> {after}; {oos}; {states}")
     assert (changed, failed) == (0, 0), out.stdout[-5000:]
-    for word in ("create-md", "mkfs", "new-current-uuid", "primary --force", "initial sync"):
-        assert word not in out.stdout.replace("no initial sync", ""), word
+    assert "drbd: existing data, no initial sync or mkfs" in out.stdout
+    assert after == before and oos == "oos:0"  # not reformatted, nothing out of sync
+    assert all(s["cstate"] == "Connected" and s["dstate"] == "UpToDate/UpToDate" for s in states.values())
 
 
 def test_the_message_follows_the_drbd_primary_on_standby(drbd_lab, m):
@@ -164,7 +172,7 @@ def test_the_message_follows_the_drbd_primary_on_standby(drbd_lab, m):
     assert r["submitted"]
     assert fetch_by_id(lab, m) == {"imap_starttls": 1, "imaps": 1}
     active = group_node(lab, m.nodes)
-    ok(lab.invoke("cluster.standby", active, timeout=600))
+    ok(lab.invoke("cluster.standby", active, "--wait", "900", timeout=1000))
     try:
         other, seconds = wait_for("the group on the other node", lambda: group_node(lab, m.nodes),
                                   lambda n: n not in (None, active), 300)
@@ -174,7 +182,7 @@ def test_the_message_follows_the_drbd_primary_on_standby(drbd_lab, m):
               f"message {m.message_id} on the VIP: {found}")
         assert found == {"imap_starttls": 1, "imaps": 1}
     finally:
-        ok(lab.invoke("cluster.unstandby", active, timeout=600))
+        ok(lab.invoke("cluster.unstandby", active, "--wait", "900", timeout=1000))
     wait_replicated(lab, m.nodes)
 
 
@@ -201,7 +209,7 @@ def test_split_brain_never_promotes_the_stale_disk(drbd_lab, m):
                                    lambda s: s["cstate"] not in ("Connected", ""), 120)
         constraint, _ = wait_for("the fence-peer handler's constraint", lambda: fence_constraint(lab, m), bool, 120)
         print(f"\nreplication link cut on {active}: {states} after {seconds:.0f} s; the handler placed {constraint}")
-        ok(lab.invoke("cluster.standby", active, timeout=600))
+        ok(lab.invoke("cluster.standby", active, "--wait", "900", timeout=1000))
         try:
             time.sleep(20)  # Pacemaker would have promoted the peer by now, were it allowed to
             peer = drbd(lab, other)
@@ -211,7 +219,7 @@ def test_split_brain_never_promotes_the_stale_disk(drbd_lab, m):
             assert not peer["role"].startswith("Primary"), peer
             assert other not in promoted and where.get("DrbdFS") != other
         finally:
-            ok(lab.invoke("cluster.unstandby", active, timeout=600))
+            ok(lab.invoke("cluster.unstandby", active, "--wait", "900", timeout=1000))
         back, seconds = wait_for("the group back on the node with the good disk", lambda: group_node(lab, m.nodes),
                                  lambda n: n == active, 300)
         print(f"{active} back: the group runs there again after {seconds:.0f} s")
