@@ -119,7 +119,10 @@ def template_vars(inv: Inventory, host: str, secret) -> dict:
 def _ipaddr2(inv: Inventory, vip_name: str, rid: str) -> Primitive:
     vip = inv.vips[vip_name]
     prefix = inv.networks[vip.network].cidr.prefixlen
-    return Primitive(rid, "ocf:heartbeat:IPaddr2", (("ip", str(vip.address)), ("cidr_netmask", str(prefix))))
+    # IPaddr2's metadata gives start and stop 20 s: too short on a busy node (its
+    # arping and checks), and a failed start keeps the whole group down.
+    return Primitive(rid, "ocf:heartbeat:IPaddr2", (("ip", str(vip.address)), ("cidr_netmask", str(prefix))),
+                     ("monitor interval=30s", "start timeout=60s", "stop timeout=60s"))
 
 
 def desired_tree(inv: Inventory, secret=None) -> Tree:

@@ -171,7 +171,7 @@ def test_empty_cib_creates_everything_in_group_order():
         "crm_attribute --type op_defaults --name timeout --update 60s",
     ]
     assert cmds[5] == ("pcs resource create virtual_ip ocf:heartbeat:IPaddr2 ip=10.200.11.110 cidr_netmask=24 "
-                       "op monitor interval=30s --group mail")
+                       "op monitor interval=30s op start timeout=60s op stop timeout=60s --group mail")
     assert cmds[6] == "pcs resource create postfix systemd:postfix@- op monitor interval=30s --group mail"
     assert cmds[-1] == ("pcs stonith create fence_lab fence_lab pcmk_host_list=postfix01,postfix02,postfix03 "
                         "op monitor interval=60s")
